@@ -1,0 +1,48 @@
+"""Command-line entry point. Each subcommand lives in its own module with `add_parser(subparsers)`
+registering a parser whose `func(args) -> int` runs it; the argparse namespace stops in cli/."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from resnetlab.errors import ResnetlabError
+
+# Module names under resnetlab.cli, in the order they appear in `resnetlab --help`.
+COMMAND_MODULES = [
+    "models_cmd",
+    "data_cmd",
+    "train_cmd",
+    "eval_cmd",
+    "predict_cmd",
+    "recipes_cmd",
+    "lr_find_cmd",
+    "bench_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0])
+    from resnetlab import __version__
+
+    parser.add_argument("--version", action="version", version=f"resnetlab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(f"resnetlab.cli.{module_name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ResnetlabError as error:
+        print(f"resnetlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("resnetlab: interrupted", file=sys.stderr)
+        return 130
