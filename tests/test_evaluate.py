@@ -1,0 +1,153 @@
+"""evaluate(): top-k errors, loss, confusion and per-class counts on hand-made logits; flip TTA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnetlab.errors import DataError, ResnetlabError
+from resnetlab.evaluate import EvalResult, evaluate, flip_tta_probs, topk_correct
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255
+
+
+class LookupModel(torch.nn.Module):
+    """Returns a fixed row of logits per image: image i carries its index i in pixel (0, 0, 0)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone(), requires_grad=False)
+
+    def forward(self, x):
+        index = (x[:, 0, 0, 0] * 255).round().long()
+        return self.table[index]
+
+
+def indexed_images(n: int, size: int = 4) -> torch.Tensor:
+    images = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.uint8)
+    return images
+
+
+# Six images, six classes. Rank of the true class in each row: 1, 2, 3, 4, 5, 6.
+LOGITS = torch.tensor(
+    [
+        [9.0, 1, 2, 3, 4, 5],  # true 0: rank 1
+        [9.0, 8, 1, 2, 3, 4],  # true 1: rank 2
+        [9.0, 8, 7, 1, 2, 3],  # true 2: rank 3
+        [9.0, 8, 7, 6, 1, 2],  # true 3: rank 4
+        [9.0, 8, 7, 6, 5, 1],  # true 4: rank 5
+        [9.0, 8, 7, 6, 5, 4],  # true 5: rank 6
+    ]
+)
+LABELS = torch.arange(6)
+
+
+def test_topk_correct_counts_rank_of_true_class():
+    assert topk_correct(LOGITS, LABELS, (1, 2, 3, 5, 6)).tolist() == [1, 2, 3, 5, 6]
+    # k beyond the number of classes: everything is within the top k
+    assert topk_correct(LOGITS[:, :3], torch.tensor([0, 1, 2, 0, 0, 1]), (1, 5)).tolist() == [3, 6]
+
+
+def test_evaluate_matches_hand_computed_metrics():
+    result = evaluate(LookupModel(LOGITS), indexed_images(6), LABELS, to_float, batch_size=4)
+    assert isinstance(result, EvalResult) and result.n == 6
+    assert result.top1_error == pytest.approx(5 / 6)
+    assert result.top3_error == pytest.approx(3 / 6)
+    assert result.top5_error == pytest.approx(1 / 6)
+    assert result.loss == pytest.approx(F.cross_entropy(LOGITS, LABELS).item(), rel=1e-6)
+    # every image is predicted as class 0
+    expected = torch.zeros(6, 6, dtype=torch.int64)
+    expected[:, 0] = 1
+    assert torch.equal(result.confusion, expected)
+    assert result.per_class_accuracy == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert result.summary() == {
+        "top1_error": result.top1_error,
+        "top3_error": result.top3_error,
+        "top5_error": result.top5_error,
+        "loss": result.loss,
+        "n": 6,
+    }
+
+
+def test_confusion_and_per_class_counts():
+    # 3 classes; predictions chosen by hand: class 0 -> 2 of 3 right, class 1 -> 1 of 2, class 2 none
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    predicted = torch.tensor([0, 0, 2, 1, 0])
+    logits = F.one_hot(predicted, 3).float() * 5
+    result = evaluate(LookupModel(logits), indexed_images(5), labels, to_float, batch_size=2)
+    assert result.confusion.tolist() == [[2, 0, 1], [1, 1, 0], [0, 0, 0]]
+    accuracy = result.per_class_accuracy
+    assert accuracy[:2] == pytest.approx([2 / 3, 1 / 2]) and math.isnan(accuracy[2])
+    assert result.top1_error == pytest.approx(2 / 5)
+
+
+def test_batch_size_does_not_change_results():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(7))
+    images = torch.randint(0, 256, (23, 3, 6, 6), dtype=torch.uint8)
+    labels = torch.randint(0, 7, (23,))
+    model(to_float(images[:1]))  # materialise the lazy layer
+    one = evaluate(model, images, labels, to_float, batch_size=1)
+    many = evaluate(model, images, labels, to_float, batch_size=512)
+    assert one.topk_errors == many.topk_errors
+    assert one.loss == pytest.approx(many.loss, rel=1e-5)
+    assert torch.equal(one.confusion, many.confusion)
+
+
+class Asymmetric(torch.nn.Module):
+    """Logits depend on left/right position, so an image and its mirror score differently."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 5 * 5, classes)
+        self.bn = torch.nn.BatchNorm1d(classes)
+
+    def forward(self, x):
+        return self.bn(self.linear(x.flatten(1)))
+
+
+def test_flip_tta_equals_manual_average_of_softmax():
+    torch.manual_seed(2)
+    model = Asymmetric()
+    model.eval()
+    images = torch.randint(0, 256, (17, 3, 5, 5), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (17,))
+    with torch.no_grad():
+        x = to_float(images)
+        probs = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
+    result = evaluate(model, images, labels, to_float, tta="flip", batch_size=5)
+    assert torch.allclose(flip_tta_probs(model(x), model(x.flip(3))), probs)
+    assert result.loss == pytest.approx(F.nll_loss(probs.log(), labels).item(), rel=1e-5)
+    for k in (1, 3, 5):
+        expected = 1 - topk_correct(probs, labels, (k,)).item() / 17
+        assert result.topk_errors[k] == pytest.approx(expected)
+    plain = evaluate(model, images, labels, to_float, tta="none")
+    assert plain.loss != pytest.approx(result.loss)
+
+
+def test_model_mode_is_restored_and_bf16_autocast_runs():
+    model = Asymmetric()
+    model.train()
+    images = torch.randint(0, 256, (8, 3, 5, 5), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (8,))
+    fp32 = evaluate(model, images, labels, to_float)
+    assert model.training
+    bf16 = evaluate(model, images, labels, to_float, precision="bf16")
+    assert bf16.loss == pytest.approx(fp32.loss, abs=0.05)
+
+
+def test_invalid_inputs_raise_clear_errors():
+    model = LookupModel(LOGITS)
+    with pytest.raises(ResnetlabError, match="tta"):
+        evaluate(model, indexed_images(6), LABELS, to_float, tta="ten-crop")
+    with pytest.raises(ResnetlabError, match="precision"):
+        evaluate(model, indexed_images(6), LABELS, to_float, precision="fp8")
+    with pytest.raises(DataError, match="labels"):
+        evaluate(model, indexed_images(6), LABELS + 1, to_float)
+    with pytest.raises(DataError, match="empty"):
+        evaluate(model, indexed_images(0), LABELS[:0], to_float)
