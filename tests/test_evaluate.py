@@ -151,3 +151,13 @@ def test_invalid_inputs_raise_clear_errors():
         evaluate(model, indexed_images(6), LABELS + 1, to_float)
     with pytest.raises(DataError, match="empty"):
         evaluate(model, indexed_images(0), LABELS[:0], to_float)
+
+
+def test_confusion_png_is_written_with_class_names(tmp_path):
+    from resnetlab.artifacts.confusion import save_confusion_png
+
+    path = save_confusion_png(torch.tensor([[3, 1], [0, 4]]), ["cat", "dog"], tmp_path / "sub" / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["c.png"], "temp file left behind"
+    with pytest.raises(ValueError, match="class names"):
+        save_confusion_png(torch.zeros(3, 3, dtype=torch.int64), ["cat", "dog"], tmp_path / "bad.png")
