@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resnetlab.data.augment import flip_tta_logits
 from resnetlab.errors import DataError, ResnetlabError
 
 TTA_MODES = ("none", "flip")
@@ -71,11 +72,6 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) 
     return torch.stack([cumulative[min(k, kmax) - 1] for k in ks])
 
 
-def flip_tta_probs(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
-    """Flip TTA averages the softmax *probabilities* of an image and of its horizontal mirror."""
-    return (logits.float().softmax(dim=1) + flipped_logits.float().softmax(dim=1)) / 2
-
-
 def autocast_context(device: torch.device, precision: str):
     if precision not in PRECISIONS:
         raise ResnetlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -103,8 +99,8 @@ def evaluate(
 
     `normalizer` maps a uint8 batch on the device to the float input of the model. `device=None`
     uses the model's device; otherwise the model is moved there. The model is put in eval mode for
-    the call and its previous mode restored. `tta="flip"` averages the softmax of each image and its
-    mirror (the loss is then the negative log of the averaged probability of the true class).
+    the call and its previous mode restored. `tta="flip"` averages the *logits* of each image and of
+    its horizontal mirror; ranks and the cross-entropy loss are taken from that average.
     `precision` "bf16"/"fp16" runs the forward pass under autocast; metrics are computed in fp32.
     """
     if tta not in TTA_MODES:
@@ -133,17 +129,11 @@ def evaluate(
             x = normalizer(images[start : start + batch_size])
             y = labels[start : start + batch_size]
             with autocast_context(device, precision):
-                logits = model(x)
-                flipped = model(x.flip(dims=[3])) if tta == "flip" else None
-            if flipped is None:
-                scores = logits.float()
-                loss_sum += F.cross_entropy(scores, y, reduction="sum")
-            else:
-                scores = flip_tta_probs(logits, flipped)
-                loss_sum += F.nll_loss(scores.clamp_min(1e-12).log(), y, reduction="sum")
-            correct += topk_correct(scores, y, topk)
+                logits = (flip_tta_logits(model, x) if tta == "flip" else model(x)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += topk_correct(logits, y, topk)
             # scatter_add_ instead of bincount: CUDA bincount reads the max back to the host.
-            confusion.scatter_add_(0, y * num_classes + scores.argmax(dim=1), torch.ones_like(y))
+            confusion.scatter_add_(0, y * num_classes + logits.argmax(dim=1), torch.ones_like(y))
     finally:
         model.train(was_training)
 
