@@ -89,7 +89,7 @@ def test_confusion_path_option_and_no_png_for_a_loose_file(capsys, tmp_path, tes
 def test_val_split_is_recomputed_from_checkpoint_metadata(capsys, tmp_path):
     data = write_image_folder(tmp_path / "data", "train", 10)
     checkpoint = write_checkpoint(tmp_path / "c.safetensors", data={"val_size": 6, "split_seed": 3})
-    code, out, err = run_cli(capsys, "eval", checkpoint, "--data-dir", data, "--json")  # no test split: val
+    code, out, err = run_cli(capsys, "eval", checkpoint, "--data-dir", data, "--json", "--device", "cpu")  # no test: val
     assert code == 0, err
     model, metadata = resnetlab.load(checkpoint)
     val = load_dataset(data, need=("val",), val_size=6, split_seed=3).val

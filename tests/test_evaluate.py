@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -160,3 +161,31 @@ def test_confusion_png_is_written_with_class_names(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["c.png"], "temp file left behind"
     with pytest.raises(ValueError, match="class names"):
         save_confusion_png(torch.zeros(3, 3, dtype=torch.int64), ["cat", "dog"], tmp_path / "bad.png")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_evaluation_syncs_the_same_for_one_batch_or_many():
+    """Metrics stay on the GPU: 16 batches cause no more host synchronisations than 1 batch."""
+    from resnetlab.models import create_model
+
+    model = create_model("resnet8", num_classes=10).cuda()
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+
+    def run(batch_size):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = evaluate(model, images, labels, to_float, batch_size=batch_size, tta="flip", precision="bf16")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
+
+    run(64)  # warm-up: first calls initialise cuDNN and the caching allocator
+    one_batch, syncs_one = run(64)
+    many_batches, syncs_many = run(4)
+    assert syncs_many == syncs_one
+    assert torch.equal(one_batch.confusion, many_batches.confusion)
+    reference = evaluate(model.cpu(), images, labels, to_float, tta="flip")
+    assert one_batch.loss == pytest.approx(reference.loss, abs=0.05)

@@ -50,7 +50,9 @@ def assert_one_line_error(code, out, err, *fragments):
 
 
 def test_predict_json_matches_the_model(capsys, checkpoint_file, images):
-    code, out, err = run_cli(capsys, "predict", "--checkpoint", checkpoint_file, "--top", "2", "--json", *images)
+    code, out, err = run_cli(
+        capsys, "predict", "--checkpoint", checkpoint_file, "--top", "2", "--json", "--device", "cpu", *images
+    )
     assert code == 0, err
     results = json.loads(out)
     assert [r["image"] for r in results] == [str(p) for p in images]
