@@ -41,8 +41,7 @@ PYTHON100_FILES = {"train": ["train"], "test": ["test"]}
 # --- python pickles -------------------------------------------------------------------------------
 # pickle.load runs whatever callables the stream names, so a batch file from the internet could
 # execute code. The CIFAR batches only need numpy's array reconstruction (and _codecs.encode, which
-# Python 3 uses for bytes in protocol-2 pickles); everything else is refused. numpy.ndarray may be
-# named (as _reconstruct's first argument) but never called.
+# Python 3 uses for bytes in protocol-2 pickles); everything else is refused.
 class _NdarrayToken:
     """Stands in for numpy.ndarray so that the stream can name the class but never call it."""
 
@@ -60,8 +59,8 @@ def _frombuffer(buffer, dtype, shape, order):
 
 
 def _encode(text, encoding="latin1"):
-    if not isinstance(text, str):
-        raise pickle.UnpicklingError("_codecs.encode on a non-string")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than a string to latin1 bytes")
     return codecs.encode(text, encoding)
 
 

@@ -79,7 +79,7 @@ def list_split(split_dir: Path) -> FolderListing:
 
 def _is_image_name(name: str, extensions: frozenset[str]) -> bool:
     dot = name.rfind(".")
-    return dot > 0 and name[dot:].lower() in extensions  # dot > 0 also skips hidden files
+    return not name.startswith(".") and name[dot:].lower() in extensions
 
 
 # --- decoding -------------------------------------------------------------------------------------
