@@ -92,7 +92,7 @@ class ModelBuilder:
     def info(self) -> dict[str, Any]:
         family = FAMILIES[self.spec.family]
         return {
-            "name": self.name, "family": self.spec.family, "depth": self.spec.depth, "block": self.spec.block,
+            "name": self.name, "family": self.spec.family, "depth": self.spec.depth, "block_type": self.spec.block,
             "stage_blocks": list(self.spec.stage_blocks), "plain": self.spec.plain,
             "input_size": list(family.input_size), "num_classes": family.num_classes,
             "shortcut": None if self.spec.plain else family.shortcut,
@@ -155,6 +155,6 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def model_info(name: str) -> dict[str, Any]:
     """Family, depth, block kind, native input size and default classes of a model, without
-    building it: {"name", "family", "depth", "block", "stage_blocks", "plain", "input_size",
+    building it: {"name", "family", "depth", "block_type" ("basic"/"bottleneck"), "stage_blocks", "plain", "input_size",
     "num_classes", "shortcut"}."""
     return MODELS.get(name).info()

@@ -59,10 +59,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any global outside tensors and plain containers: the file would
-        # have imported or called something. It is reported, never run.
+        # have imported or called something (or is no pickle at all). It is reported, never run.
         raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects beyond tensors and plain containers, which "
-            f"could run code ({_first_line(error)}); convert it to a plain state_dict or safetensors") from None
+            f"refusing to load {path}: torch.load(weights_only=True) does not accept it ({_unpickling_reason(error)}); "
+            "files holding code or custom objects are never unpickled here: save a plain state_dict or safetensors") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path} is truncated or not a torch weights file ({_first_line(error)})") from None
     return _unwrap(obj, path)
@@ -118,6 +118,12 @@ def describe_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
 
 def _shorten(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    """The informative line of torch's long weights_only message ("...unsupported GLOBAL os.system...")."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), _first_line(error))
 
 
 def _first_line(error: BaseException) -> str:
