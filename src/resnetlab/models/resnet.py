@@ -83,6 +83,8 @@ class ResNet(nn.Module):
     def reset_parameters(self) -> None:
         """He et al. 2015 normal init for convs (fan-out, as torchvision), BN as the identity; the
         classifier keeps PyTorch's default uniform init (as torchvision does)."""
+        if self.fc.weight.is_meta:  # no values to set; meta models only count params and MACs
+            return
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
