@@ -3,30 +3,15 @@ pre-activation block, torchvision's state_dict layout and output equivalence wit
 re-implementations of torchvision's ResNet (v1.5) and akamaster's CIFAR ResNet."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pytest
-
 from resnetlab.models import ZeroPadShortcut, count_params, create_model, list_models, load_pretrained, model_info
+from test_models import _one_thread, meta_model  # noqa: F401  (autouse fixture)
 
 POST_ACTIVATION = ["reference", "no_relu", "bn_after_add", "bn_after_add_no_relu"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These nets run thousands of tiny convs: a second intra-op thread gains nothing there and,
-    # on a shared 2-core machine, spin-waiting threads make them several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def meta_model(name: str, **options) -> nn.Module:
-    with torch.device("meta"):
-        return create_model(name, **options)
 
 
 def blocks_of(model: nn.Module):
