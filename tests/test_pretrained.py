@@ -50,6 +50,16 @@ def test_torch_files_in_every_common_layout_load(tmp_path, source, layout, suffi
     assert_same_model(load_pretrained(fresh(), path), source)
 
 
+def test_option_b_shortcut_keys_of_cifar_code_load(tmp_path):
+    # akamaster's option B: self.shortcut = nn.Sequential(conv1x1, BatchNorm2d).
+    source = create_model("resnet8", shortcut="B").eval()
+    state = {k.replace("downsample", "shortcut").replace("fc.", "linear."): v for k, v in source.state_dict().items()}
+    assert "layer2.0.shortcut.0.weight" in state
+    torch.save({"state_dict": state}, tmp_path / "b.th")
+    torch.manual_seed(5)
+    assert_same_model(load_pretrained(create_model("resnet8", shortcut="B"), tmp_path / "b.th"), source)
+
+
 def test_safetensors_files_load(tmp_path, source):
     path = tmp_path / "weights.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in source.state_dict().items()}, path)

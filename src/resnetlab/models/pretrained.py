@@ -3,8 +3,9 @@
 Accepted: `.safetensors` (read by safetensors), any other suffix (`.pth`, `.th`, `.pt`...) through
 `torch.load(weights_only=True)`, which refuses pickles that would import or call anything. The
 state_dict may be bare or held under "state_dict" (akamaster's .th files) or "model"; the usual
-renamings are undone: a `module.` prefix (DataParallel/DDP), an `_orig_mod.` prefix (torch.compile)
-and `linear.*` -> `fc.*` (akamaster's CIFAR classifier name).
+renamings are undone: a `module.` prefix (DataParallel/DDP), an `_orig_mod.` prefix (torch.compile),
+and the names of the common CIFAR code (akamaster's): `linear.*` -> `fc.*` and, for its option-B
+projections, `layerX.Y.shortcut.*` -> `layerX.Y.downsample.*`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from resnetlab.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
 _RENAMES = (("linear.", "fc."),)
+_PART_RENAMES = {"shortcut": "downsample"}
 
 
 def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
@@ -92,7 +94,7 @@ def adapt_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         for old, new in _RENAMES:
             if key.startswith(old):
                 key = new + key[len(old):]
-        adapted[key] = value
+        adapted[".".join(_PART_RENAMES.get(part, part) for part in key.split("."))] = value
     return adapted
 
 
