@@ -1,0 +1,36 @@
+"""Exponential moving average of the weights (Polyak averaging), evaluated instead of the raw model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """shadow = decay_t * shadow + (1 - decay_t) * weights after every optimizer step, with
+    decay_t = min(decay, (1 + t) / (10 + t)) so that early, random weights are forgotten quickly.
+    Buffers (BN running statistics) are copied from the model, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = list(zip(self.module.parameters(), model.parameters()))
+        self._buffers = list(zip(self.module.buffers(), model.buffers()))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        shadow, live = zip(*self._pairs)
+        torch._foreach_lerp_(list(shadow), list(live), 1 - decay)
+        for mine, theirs in self._buffers:
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        self.module.load_state_dict(state)
+        self.updates = updates

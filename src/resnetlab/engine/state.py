@@ -1,0 +1,78 @@
+"""A Trainer's complete state as (named tensors, JSON) -- what resume needs, with no pickle:
+model and EMA weights, optimizer buffers, device-side metric sums and RNG states as tensors;
+hyperparameters, counters and the grad scaler as JSON."""
+from __future__ import annotations
+
+import torch
+
+from resnetlab.engine.loop import Trainer
+from resnetlab.engine.runtime import rng_state, set_rng_state
+from resnetlab.errors import CheckpointError
+
+
+def training_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
+    if trainer.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
+    optim_tensors, optim_json = _split_optimizer_state(trainer.optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
+    tensors["meter.epoch"] = trainer.epoch_meter.sums
+    tensors["meter.interval"] = trainer.interval_meter.sums
+    state = {
+        "step": trainer.step, "lr": trainer.lr, "warmup_done_at_step": trainer.warmup.done_at_step,
+        "optimizer": optim_json, "scaler": trainer.scaler.state_dict(),
+        "ema_updates": trainer.ema.updates if trainer.ema is not None else None,
+        "meter_counts": {"epoch": trainer.epoch_meter.count, "interval": trainer.interval_meter.count},
+    }
+    return tensors, state
+
+
+def load_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    try:
+        trainer.model.load_state_dict(_prefixed(tensors, "model."))
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(_prefixed(tensors, "ema."), state["ema_updates"])
+        trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+    except (RuntimeError, KeyError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"the training state does not match this run's config ({reason})") from None
+    if state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])
+    set_rng_state(_prefixed(tensors, "rng."))
+    device = trainer.runtime.device
+    trainer.epoch_meter.sums.copy_(tensors["meter.epoch"].to(device))
+    trainer.interval_meter.sums.copy_(tensors["meter.interval"].to(device))
+    trainer.epoch_meter.count = state["meter_counts"]["epoch"]
+    trainer.interval_meter.count = state["meter_counts"]["interval"]
+    trainer.step, trainer.lr = state["step"], state["lr"]
+    trainer.warmup.done_at_step = state["warmup_done_at_step"]
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch's optimizer state_dict -> tensors "optim.<param>.<key>" + JSON for everything else."""
+    tensors, scalars = {}, {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}

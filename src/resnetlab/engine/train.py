@@ -1,0 +1,336 @@
+"""`train(config) -> RunResult`: one training run, from a config to a self-describing run directory,
+with checkpoints every epoch, exact resume, clean stops on SIGINT/SIGTERM and divergence checks.
+
+    from resnetlab.config import build_config
+    result = train(build_config("fast-cifar", **{"data.dir": "data/cifar10", "out": "runs/r20"}))
+    result = resume("runs/r20")   # continue an interrupted run
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from resnetlab.artifacts import metrics as metrics_io
+from resnetlab.artifacts.checkpoint import read_tensors, save_checkpoint, save_tensors_atomic, write_json_atomic
+from resnetlab.artifacts.env import environment, git_patch
+from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
+from resnetlab.config import RunConfig, validate_config
+from resnetlab.engine.data import TrainData, load_train_data
+from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
+from resnetlab.engine.state import load_training_state, training_state
+from resnetlab.engine.setup import build_trainer, resolved_config
+from resnetlab.errors import ConfigError, ResnetlabError
+
+PROGRESS_MODES = ("bar", "lines", "none")
+
+
+class TrainingInterrupted(ResnetlabError):
+    """SIGINT/SIGTERM stopped the run after saving a checkpoint it can be resumed from."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    final_val_error: float | None  # top-1, fraction; after BN re-estimation when that is on
+    best_val_error: float | None
+    final_val_loss: float | None
+    summary: dict
+
+
+def train(config: RunConfig | dict, *, progress: str = "bar", on_epoch_end: Callable[[dict], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train a new run into `config.out` (which must be new or empty). `progress`: "bar" (a bar per
+    epoch), "lines" (one line per epoch, for logs) or "none". The hooks are for tests and tools."""
+    config = config if isinstance(config, RunConfig) else validate_config(config)
+    if config.out is None:
+        raise ConfigError("invalid value for 'out': the run directory is not set (--out RUN_DIR)")
+    run = create_run_dir(config.out)
+    session = Session.start(config, run, progress)
+    return session.fit(on_epoch_end, on_step)
+
+
+def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable[[dict], None] | None = None,
+           on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Continue the run in `run_dir` from its latest checkpoint; on the CPU the result is identical
+    to a run that was never interrupted."""
+    run = open_run_dir(run_dir)
+    if run.finished:
+        raise ResnetlabError(f"{run.root} already finished (summary.json exists); nothing to resume")
+    config = validate_config(json.loads(run.config.read_text()))
+    session = Session.restore(config, run, progress)
+    return session.fit(on_epoch_end, on_step)
+
+
+@dataclass
+class Session:
+    """A run in progress: the trainer plus everything around it (data, run directory, bookkeeping)."""
+
+    config: RunConfig
+    run: RunDir
+    data: TrainData
+    trainer: Trainer
+    progress: str
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches done in the epoch in progress (resume inside an epoch)
+    best: dict = field(default_factory=dict)  # val_top1_error, val_loss, epoch, step of the best epoch
+    last_eval: dict = field(default_factory=dict)
+    elapsed: float = 0.0  # wall seconds of earlier sessions of this run
+    train_seconds: float = 0.0
+    train_images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    stop_requested: bool = False
+
+    # --- setup ------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
+        session = cls._build(config, run, progress)
+        write_json_atomic(run.config, session.config.to_dict())
+        write_json_atomic(run.env, environment(session.trainer.runtime.describe()))
+        run.patch.write_text(git_patch())
+        return session
+
+    @classmethod
+    def restore(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
+        session = cls._build(config, run, progress)
+        tensors, meta = read_tensors(run.state)
+        state = meta["state"]
+        load_training_state(session.trainer, tensors, state)
+        session.epoch, session.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        session.best, session.last_eval = state["best"], state["last_eval"]
+        session.elapsed, session.train_seconds = state["elapsed_seconds"], state["train_seconds"]
+        session.train_images = state["train_images"]
+        metrics_io.MetricsLog(run.metrics_jsonl, run.metrics_csv).truncate_after(session.trainer.step)
+        return session
+
+    @classmethod
+    def _build(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
+        if progress not in PROGRESS_MODES:
+            raise ConfigError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
+        config = resolved_config(config)  # "auto" device/precision/channels_last made concrete
+        data = load_train_data(config, config.runtime)
+        trainer = build_trainer(config, data)
+        default_bn_momentum(trainer)
+        return cls(config, run, data, trainer, progress)
+
+    @property
+    def metrics(self) -> metrics_io.MetricsLog:
+        return metrics_io.MetricsLog(self.run.metrics_jsonl, self.run.metrics_csv)
+
+    # --- the run ----------------------------------------------------------------------------------
+    def fit(self, on_epoch_end=None, on_step=None) -> RunResult:
+        data, trainer = self.data, self.trainer
+        with _stop_on_signals(self):
+            while self.epoch < data.num_epochs and trainer.step < data.total_steps:
+                bar = self._progress_bar()
+                result = run_epoch(
+                    trainer, data.loader, self.epoch, start_batch=self.batch_in_epoch, total_steps=data.total_steps,
+                    on_log=lambda: self._log_step(bar), on_step=lambda done: self._after_step(done, on_step), progress=bar,
+                )
+                if bar is not None:
+                    bar.close()
+                self.train_seconds += result.seconds
+                self.train_images += result.images
+                if not result.completed:
+                    self._interrupted()
+                row = self._end_epoch(result)
+                if on_epoch_end is not None:
+                    on_epoch_end(row)
+        return self._finish()
+
+    def _after_step(self, batch_done: int, on_step) -> bool:
+        self.batch_in_epoch = batch_done
+        if on_step is not None:
+            on_step(self.trainer.step)
+        every = self.config.train.checkpoint_every_steps
+        if every and self.trainer.step % every == 0 and self.trainer.step < self.data.total_steps:
+            self._check_training_loss()
+            self.save_state()
+        return self.stop_requested
+
+    def _interrupted(self) -> None:
+        self._check_training_loss()
+        self.save_state()
+        raise TrainingInterrupted(
+            f"stopped at step {self.trainer.step} (epoch {self.epoch + 1}); checkpoint saved. "
+            f"Continue with: resnetlab train --resume {self.run.root}"
+        )
+
+    def _check_training_loss(self) -> None:
+        loss, _, count = self.trainer.epoch_meter.read()
+        if count:
+            check_finite(loss, "training loss", self.trainer.step)
+
+    def _log_step(self, bar) -> None:
+        trainer = self.trainer
+        loss, error, count = trainer.interval_meter.read()
+        check_finite(loss, "training loss", trainer.step)
+        trainer.interval_meter.reset()
+        self.metrics.append({"kind": "step", "epoch": self.epoch + 1, "step": trainer.step, "train_loss": loss,
+                             "train_top1_error": error, "lr": trainer.lr, "wall_seconds": self.wall_seconds})
+        if bar is not None:
+            bar.set_postfix_str(f"loss {loss:.3f} err {error:.1%} lr {trainer.lr:.3g}", refresh=False)
+
+    def _end_epoch(self, result) -> dict:
+        trainer = self.trainer
+        loss, error, _ = trainer.epoch_meter.read()
+        check_finite(loss, "training loss", trainer.step)
+        trainer.epoch_meter.reset()
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        row = {"kind": "epoch", "epoch": self.epoch, "step": trainer.step, "train_loss": loss,
+               "train_top1_error": error, **self._validate(), "lr": trainer.lr,
+               "epoch_seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9),
+               "wall_seconds": self.wall_seconds}
+        self.metrics.append(row)
+        self._update_best(row)
+        self.save_state()
+        self._plot()
+        self._print_epoch(row)
+        return row
+
+    def _validate(self) -> dict:
+        """Validation loss and top-1/top-5 error of the evaluated model (the EMA when it is on)."""
+        val = self.data.splits.val
+        if val is None:
+            return {}
+        from resnetlab.evaluate import evaluate
+
+        result = evaluate(
+            self.trainer.eval_model, val.images, val.labels, self.data.normalizer,
+            batch_size=self.config.train.eval_batch_size, device=self.trainer.runtime.device,
+            tta=self.config.train.eval_tta, precision=self.trainer.runtime.precision,
+            num_classes=self.data.num_classes, topk=(1, 5),
+        )  # fmt: skip
+        self.last_eval = {"val_loss": result.loss, "val_top1_error": result.top1_error,
+                          "val_top5_error": result.top5_error, "step": self.trainer.step}
+        return {"val_loss": result.loss, "val_top1_error": result.top1_error, "val_top5_error": result.top5_error}
+
+    def _update_best(self, row: dict) -> None:
+        error = row.get("val_top1_error")
+        if error is None or (self.best and error >= self.best["val_top1_error"]):
+            return
+        self.best = {"val_top1_error": error, "val_loss": row["val_loss"], "epoch": row["epoch"], "step": row["step"]}
+        save_checkpoint(self.run.best, self.trainer.eval_model.state_dict(), self.model_metadata())
+
+    def _finish(self) -> RunResult:
+        bn_note = self._reestimate_bn() if self.config.bn.reestimate else None
+        summary = self._summary(bn_note)
+        write_json_atomic(self.run.summary, summary)
+        final = summary["final"]
+        return RunResult(self.run.root, final.get("val_top1_error"), self.best.get("val_top1_error"),
+                         final.get("val_loss"), summary)
+
+    def _reestimate_bn(self) -> dict:
+        """Recompute the BN statistics over the training set (augmented as in training) with the
+        final weights, then evaluate again; the last checkpoint holds the re-estimated model."""
+        from resnetlab.engine.bn import reestimate_bn
+
+        data, trainer = self.data, self.trainer
+        before = dict(self.last_eval)
+        data.loader.set_epoch(data.num_epochs)
+        limit = self.config.bn.reestimate_batches
+        batches = (x for x, _ in itertools.islice(data.loader, limit))
+        used = reestimate_bn(trainer.eval_model, batches, trainer.runtime.autocast)
+        after = self._validate()
+        self.metrics.append({"kind": "final", "epoch": self.epoch, "step": trainer.step, **after,
+                             "wall_seconds": self.wall_seconds})
+        save_checkpoint(self.run.last, trainer.eval_model.state_dict(), self.model_metadata(bn_reestimated=True))
+        self._plot()
+        return {"batches": used, "before": before, "after": after}
+
+    def _summary(self, bn_note: dict | None) -> dict:
+        rows = [r for r in metrics_io.read_metrics(self.run.metrics_jsonl) if r["kind"] == "epoch"]
+        last = rows[-1] if rows else {}
+        final = {k: last.get(k) for k in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error")}
+        if bn_note is not None:
+            final.update(bn_note["after"])
+        return {
+            "model": self.config.model.name, "recipe": self.config.recipe, "run_dir": str(self.run.root),
+            "epochs": self.epoch, "steps": self.trainer.step, "final": final, "best": self.best or None,
+            "bn_reestimate": bn_note, "wall_seconds": self.wall_seconds,
+            "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9),
+            "runtime": self.trainer.runtime.describe(), "data": self.data.description,
+        }
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        """Everything resume needs in one atomically written file, then the model for users."""
+        tensors, state = training_state(self.trainer)
+        state.update({"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
+                      "last_eval": self.last_eval, "elapsed_seconds": self.wall_seconds,
+                      "train_seconds": self.train_seconds, "train_images": self.train_images})
+        save_tensors_atomic(self.run.state, tensors, {"state": state})
+        save_checkpoint(self.run.last, self.trainer.eval_model.state_dict(), self.model_metadata())
+        write_json_atomic(self.run.state_json, state)
+
+    def model_metadata(self, **extra) -> dict:
+        cfg, data = self.config, self.data
+        return {
+            "model": cfg.model.name, "model_options": cfg.model.options, "num_classes": data.num_classes,
+            "classes": list(data.splits.classes), "input_size": list(data.splits.train.image_shape),
+            "normalization": data.normalizer.to_dict(), "recipe": cfg.recipe,
+            "data": {"source": data.splits.source, "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
+                     "limit_train": cfg.data.limit_train},
+            "epoch": self.epoch, "step": self.trainer.step,
+            "val_top1_error": self.last_eval.get("val_top1_error"), "val_loss": self.last_eval.get("val_loss"),
+            "evaluated_at_step": self.last_eval.get("step"), "weights": "ema" if self.trainer.ema else "model",
+            "precision": self.trainer.runtime.precision, **extra,
+        }
+
+    # --- output -----------------------------------------------------------------------------------
+    @property
+    def wall_seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def _plot(self) -> None:
+        from resnetlab.artifacts.plots import plot_curves
+
+        title = f"{self.config.model.name} ({self.config.recipe or 'custom recipe'}), {self.run.root.name}"
+        plot_curves(metrics_io.read_metrics(self.run.metrics_jsonl), self.run.curves, title)
+
+    def _progress_bar(self):
+        if self.progress != "bar":
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=len(self.data.loader), initial=self.batch_in_epoch, unit="step", leave=False,
+                    desc=f"epoch {self.epoch + 1}/{self.data.num_epochs}", dynamic_ncols=True, file=sys.stderr)
+
+    def _print_epoch(self, row: dict) -> None:
+        if self.progress == "none":
+            return
+        val = (f"  val loss {row['val_loss']:.4f} err {row['val_top1_error']:.2%}" if "val_loss" in row else "")
+        print(f"epoch {row['epoch']}/{self.data.num_epochs}  step {row['step']}  train loss {row['train_loss']:.4f} "
+              f"err {row['train_top1_error']:.2%}{val}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  "
+              f"{row['epoch_seconds']:.1f}s", flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(session: Session):
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT
+    aborts at once. Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if session.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        session.stop_requested = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

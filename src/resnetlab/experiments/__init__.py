@@ -1,0 +1,1 @@
+"""Experiments built on the engine: named recipes (and, later, the reproduction runner)."""
