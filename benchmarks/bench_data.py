@@ -84,8 +84,9 @@ def bench_folder(data_dir: Path) -> list[dict]:
             os.environ["RESNETLAB_CACHE"] = previous
         shutil.rmtree(cache, ignore_errors=True)
     n = len(splits.train) + (len(splits.val) if splits.val is not None else 0)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
-        {"case": f"first load of {n} images ({os.cpu_count()} CPUs): decode + cache write + split", "value": first,
+        {"case": f"first load of {n} images ({cpus} CPUs): decode + cache write + split", "value": first,
          "unit": "s"},
         {"case": f"cached reload of {n} images: fingerprint + read + split (best of 3)", "value": min(reloads),
          "unit": "s"},

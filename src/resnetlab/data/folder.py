@@ -7,12 +7,15 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from resnetlab.data._decode import decode_chunk
 from resnetlab.data.dataset import ImageSet
 from resnetlab.errors import DataError
 
@@ -83,35 +86,6 @@ def _is_image_name(name: str, extensions: frozenset[str]) -> bool:
 
 
 # --- decoding -------------------------------------------------------------------------------------
-def _decode_chunk(task: tuple[str, list[str], tuple[int, int] | None]):
-    """Decode images to uint8 n x 3 x H x W. Returns (array, formats, problems) where problems are
-    (index, kind, message) with kind "bad" (unreadable) or "size" (differs from `size`)."""
-    from PIL import Image
-
-    root, names, size = task
-    out = None
-    formats, problems = set(), []
-    for i, name in enumerate(names):
-        path = os.path.join(root, name)
-        try:
-            with Image.open(path) as image:
-                image.load()
-                formats.add(image.format or "unknown")
-                pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            problems.append((i, "bad", f"{type(error).__name__}: {error}"))
-            continue
-        if size is None:
-            size = pixels.shape[:2]
-        if pixels.shape[:2] != tuple(size):
-            problems.append((i, "size", f"{pixels.shape[1]}x{pixels.shape[0]}"))
-            continue
-        if out is None:
-            out = np.zeros((len(names), 3, *size), dtype=np.uint8)
-        out[i] = pixels.transpose(2, 0, 1)
-    return out, formats, problems
-
-
 def _worker_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -119,16 +93,25 @@ def _worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _pool_context():
-    # fork starts workers in milliseconds; the workers only use PIL and numpy, never torch or CUDA.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+def _pool(workers: int):
+    # fork: workers start at once and need no importable __main__ (spawn re-imports the caller's
+    # script in every worker, which hangs for stdin scripts and re-runs unguarded ones). The children
+    # only run PIL and numpy -- never torch or CUDA -- so fork's hazard, a lock held by one of the
+    # parent's other threads, does not reach them (torch's DataLoader forks for the same reason).
+    # Python 3.12+ warns about forking any multi-threaded process; that warning is expected here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multi-threaded, use of fork.*", category=DeprecationWarning)
+        return multiprocessing.get_context("fork").Pool(workers)
+
+
+def _can_fork() -> bool:
+    return sys.platform.startswith("linux")  # elsewhere fork is unsafe or missing: decode in-process
 
 
 def _first_size(listing: FolderListing) -> tuple[int, int] | None:
     """The size of the first readable image, which every other image must share."""
     for name in listing.files:
-        out, _, problems = _decode_chunk((str(listing.root), [name], None))
+        out, _, problems = decode_chunk((str(listing.root), [name], None))
         if out is not None:
             return tuple(out.shape[2:])
     return None
@@ -145,10 +128,10 @@ def decode_listing(listing: FolderListing, *, skip_bad_images: bool) -> tuple[Im
     images = np.empty((len(listing.files), 3, *size), dtype=np.uint8)
     keep = np.ones(len(listing.files), dtype=bool)
     skipped, formats = [], set()
-    workers = min(_worker_count(), len(tasks)) if len(listing.files) >= _POOL_MIN_FILES else 1
+    workers = min(_worker_count(), len(tasks)) if len(listing.files) >= _POOL_MIN_FILES and _can_fork() else 1
     with tqdm(total=len(listing.files), desc=f"decoding {listing.root}", unit="img", disable=None) as bar:
-        with _pool_context().Pool(workers) if workers > 1 else _NoPool() as pool:
-            results = pool.imap(_decode_chunk, tasks)
+        with _pool(workers) if workers > 1 else _NoPool() as pool:
+            results = pool.imap(decode_chunk, tasks)
             for start, (task, (array, chunk_formats, problems)) in enumerate(zip(tasks, results)):
                 offset = start * _CHUNK
                 if array is not None:
