@@ -186,3 +186,24 @@ def test_unwritable_confusion_path(capsys, tmp_path, test_only_data, checkpoint_
         capsys, "eval", checkpoint_file, "--data-dir", test_only_data, "--confusion", blocker / "c.png"
     )
     assert_one_line_error(code, out, err, "confusion")
+
+
+def test_eval_of_a_trained_run_reproduces_its_logged_validation(capsys, tmp_path):
+    """The contract with the trainer: the run's metadata is enough to rebuild the same val split
+    (here a non-default seed) and the same numbers."""
+    from trainkit import tiny_config, write_synthetic_cifar10
+
+    from resnetlab.engine.train import train
+
+    data = write_synthetic_cifar10(tmp_path / "data")
+    result = train(tiny_config(data, tmp_path / "run", **{"train.epochs": 1, "data.split_seed": 5, "data.limit_train": 128}),
+                   progress="none")
+    code, out, err = run_cli(capsys, "eval", result.run_dir, "--data-dir", data, "--split", "val", "--json", "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["n"] == 100
+    assert summary["top1_error"] == pytest.approx(result.final_val_error)
+    assert summary["loss"] == pytest.approx(result.summary["final"]["val_loss"], rel=1e-6)
+    code, out, err = run_cli(capsys, "eval", result.run_dir, "--data-dir", data, "--json")  # default: test split
+    assert code == 0, err
+    assert json.loads(out)["n"] == 100

@@ -28,16 +28,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ResnetlabError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def run(args) -> int:
     from resnetlab.artifacts.checkpoint import load, resolve_checkpoint_path
+    from resnetlab.engine.runtime import resolve_device
     from resnetlab.evaluate import evaluate
     from resnetlab.inference import class_names, normalizer_from_metadata
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-from resnetlab.cli.eval_cmd import resolve_device
-
 DEFAULT_CHECKPOINT = "resnet20-cifar10"
 
 
@@ -24,6 +22,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from resnetlab.artifacts.checkpoint import BUNDLED_DIR, load
+    from resnetlab.engine.runtime import resolve_device
     from resnetlab.errors import CheckpointError, ResnetlabError
     from resnetlab.inference import predict
 
