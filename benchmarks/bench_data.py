@@ -39,7 +39,8 @@ def bench_augment(device: str = "cpu") -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     cases = {
         "pad 4 + crop + flip (fused)": lambda: augment.random_crop_flip(x, 4, generator=generator),
-        "pad 4 + crop, then flip": lambda: augment.random_flip(augment.random_crop(x, 4, generator=generator), generator),
+        "pad 4 + crop, then flip": lambda: augment.random_flip(augment.random_crop(x, 4, generator=generator),
+                                                                generator),
         "pad 4 reflect + crop + flip": lambda: augment.random_crop_flip(x, 4, "reflect", generator=generator),
         "crop + flip + cutout 16": lambda: augment.augment_batch(x, AugmentSpec(cutout=16), generator),
     }

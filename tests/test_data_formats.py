@@ -447,3 +447,17 @@ def test_offline_download_says_to_pass_data_dir(monkeypatch):
         load_dataset(None)
     with pytest.raises(DataError, match="download is off; pass --data-dir"):
         load_dataset(None, download=False)
+
+
+def test_unreadable_class_folder_is_a_data_error(tmp_path, monkeypatch):
+    root, _, _ = _folder_fixture(tmp_path, n=10)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("cat"):  # what a folder without read permission does (root ignores chmod)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"cannot list .*cat: Permission denied"):
+        load_dataset(root, val_size=0)

@@ -113,7 +113,8 @@ def test_batches_are_normalised_padded_with_zero_and_typed():
     plain = next(iter(InMemoryLoader(images, labels, batch_size=40, shuffle=False, channels_last=False)))[0]
     assert plain.dtype == torch.float32 and plain.is_contiguous() and torch.equal(plain, images.float() / 255)
     # normalise first, then pad: a crop that shows padding shows exact zeros (= the mean image)
-    crops = InMemoryLoader(images, labels, batch_size=40, normalizer=norm, augment=AugmentSpec(crop_padding=4, flip=False))
+    pad_only = AugmentSpec(crop_padding=4, flip=False)
+    crops = InMemoryLoader(images, labels, batch_size=40, normalizer=norm, augment=pad_only)
     x, _ = next(iter(crops))
     assert (x == 0).any() and ((x == 0).float().mean() > 0.1)
 

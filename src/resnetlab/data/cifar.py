@@ -177,7 +177,10 @@ def read_binary_batches(folder: Path, splits: tuple[str, ...]) -> dict[str, Imag
     for split in splits:
         rows, labels = [], []
         for path in _require(folder, BINARY10_FILES[split]):
-            raw = np.fromfile(path, dtype=np.uint8)
+            try:
+                raw = np.fromfile(path, dtype=np.uint8)
+            except OSError as error:
+                raise DataError(f"cannot read {path}: {error.strerror or error}") from None
             if raw.size == 0 or raw.size % record:
                 raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte records (truncated?)")
             raw = raw.reshape(-1, record)

@@ -57,7 +57,13 @@ class FolderListing:
 
 def list_split(split_dir: Path) -> FolderListing:
     """Classes = sorted sub-folder names; images = files with an extension PIL knows."""
-    extensions = image_extensions()
+    try:
+        return _list_split(split_dir, image_extensions())
+    except OSError as error:  # unreadable folder or file metadata
+        raise DataError(f"cannot list {error.filename or split_dir}: {error.strerror or error}") from None
+
+
+def _list_split(split_dir: Path, extensions: frozenset[str]) -> FolderListing:
     class_dirs = sorted(
         (e for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name
     )
@@ -208,7 +214,9 @@ def _write_cache(path: Path, fingerprint: str, imageset: ImageSet, skipped: list
         log.warning("could not write the decoded-image cache %s (%s)", path, error)
 
 
-def read_split(split_dir: Path, *, skip_bad_images: bool = False, use_cache: bool = True) -> tuple[ImageSet, list[str], set[str]]:
+def read_split(
+    split_dir: Path, skip_bad_images: bool = False, use_cache: bool = True
+) -> tuple[ImageSet, list[str], set[str]]:
     """One split folder -> (ImageSet, skipped files, image formats), through the decoded cache."""
     listing = list_split(split_dir)
     fingerprint = listing.fingerprint()

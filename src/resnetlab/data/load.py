@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from resnetlab.data import cifar, folder
 from resnetlab.data.dataset import SPLITS, DataSplits, ImageSet
@@ -21,28 +20,21 @@ class Source:
     description: str
 
 
-def _cifar_source(path: Path, kind: str, files: dict[str, list[str]], meta: str, label: str) -> Source | None:
-    if not (path / meta).is_file():
-        return None
-    splits = tuple(s for s, names in files.items() if (path / names[0]).is_file())
-    return Source(kind, path, splits, f"{label} {path}") if splits else None
+# (official folder name, kind, files per split, meta file, description)
+_CIFAR_LAYOUTS = [
+    (cifar.PYTHON10_DIR, "cifar10-python", cifar.PYTHON10_FILES, "batches.meta", "CIFAR-10 python batches"),
+    (cifar.BINARY10_DIR, "cifar10-binary", cifar.BINARY10_FILES, "batches.meta.txt", "CIFAR-10 binary batches"),
+    (cifar.PYTHON100_DIR, "cifar100-python", cifar.PYTHON100_FILES, "meta", "CIFAR-100 python (fine labels)"),
+]
 
 
 def find_source(root: Path) -> Source | None:
     """The layout at `root`, or at the official folder name inside it; None when nothing matches."""
-    candidates: list[tuple[str, Callable[[Path], Source | None]]] = [
-        (cifar.PYTHON10_DIR, lambda p: _cifar_source(p, "cifar10-python", cifar.PYTHON10_FILES, "batches.meta",
-                                                      "CIFAR-10 python batches")),
-        (cifar.BINARY10_DIR, lambda p: _cifar_source(p, "cifar10-binary", cifar.BINARY10_FILES, "batches.meta.txt",
-                                                      "CIFAR-10 binary batches")),
-        (cifar.PYTHON100_DIR, lambda p: _cifar_source(p, "cifar100-python", cifar.PYTHON100_FILES, "meta",
-                                                       "CIFAR-100 python (fine labels)")),
-    ]
-    for name, probe in candidates:
-        for path in (root, root / name):
-            found = probe(path) if path.is_dir() else None
-            if found:
-                return found
+    for dir_name, kind, files, meta, label in _CIFAR_LAYOUTS:
+        for path in (root, root / dir_name):
+            splits = tuple(s for s, names in files.items() if (path / names[0]).is_file())
+            if splits and (path / meta).is_file():
+                return Source(kind, path, splits, f"{label} {path}")
     splits = tuple(s for s in ("train", "test") if (root / s).is_dir())
     if splits:
         return Source("image-folder", root, splits, f"image folder {root}")
@@ -74,7 +66,8 @@ def locate_source(data_dir: str | Path | None, download: bool = True) -> Source:
     )
 
 
-def _read(source: Source, splits: tuple[str, ...], skip_bad_images: bool) -> tuple[dict[str, ImageSet], list[str], str]:
+def _read(source: Source, splits: tuple[str, ...], skip_bad_images: bool):
+    """-> ({split: ImageSet}, skipped files, description)."""
     if source.kind == "cifar10-python":
         return cifar.read_python_batches(source.path, splits), [], source.description
     if source.kind == "cifar100-python":
@@ -83,7 +76,7 @@ def _read(source: Source, splits: tuple[str, ...], skip_bad_images: bool) -> tup
         return cifar.read_binary_batches(source.path, splits), [], source.description
     sets, skipped, formats = {}, [], set()
     for split in splits:
-        sets[split], split_skipped, split_formats = folder.read_split(source.path / split, skip_bad_images=skip_bad_images)
+        sets[split], split_skipped, split_formats = folder.read_split(source.path / split, skip_bad_images)
         skipped += split_skipped
         formats |= split_formats
     return sets, skipped, f"{source.description} ({', '.join(sorted(formats))})"
@@ -118,7 +111,7 @@ def load_dataset(
     if "train" in sets:
         train, val = _carve_val(sets["train"], val_size, split_seed)
     test = sets.get("test")
-    classes = (train or test).classes
+    classes = (train if train is not None else test).classes
     if train is not None and test is not None and test.classes != train.classes:
         raise DataError(f"{source.path}: the test split's classes differ from the training split's")
     return DataSplits(train, val, test, classes, description, skipped)
