@@ -19,10 +19,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|BUNDLED_NAME")
     parser.add_argument("--data-dir", required=True, type=Path, help="data set root (e.g. holding test/<class>/)")
     parser.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test if the data has one, else val)")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average softmax with the mirror image")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average the logits of each image and its mirror")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="autocast of the forward pass (default fp32; a run's own precision reproduces its logged numbers)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
     parser.add_argument("--confusion", type=Path, metavar="FILE.png", help="confusion-matrix PNG (default: in the run directory)")
     parser.set_defaults(func=run)
@@ -58,7 +61,9 @@ def run(args) -> int:
         if confusion_path is not None:
             print(f"confusion matrix: {confusion_path}", file=sys.stderr)
         return 0
-    print(format_report(result, classes, f"{metadata['model']} ({path}) on {split} of {args.data_dir}, tta {args.tta}"))
+    epoch = f" epoch {metadata['epoch']}" if "epoch" in metadata else ""
+    heading = f"{metadata['model']}{epoch} ({path}) on {split} of {args.data_dir}, tta {args.tta}, {args.precision}"
+    print(format_report(result, classes, heading))
     if confusion_path is not None:
         print(f"confusion matrix: {confusion_path}")
     return 0

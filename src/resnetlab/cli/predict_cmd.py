@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 DEFAULT_CHECKPOINT = "resnet20-cifar10"
 
@@ -28,7 +29,8 @@ def run(args) -> int:
 
     if args.top < 1:
         raise ResnetlabError(f"--top must be at least 1, got {args.top}")
-    if args.checkpoint == DEFAULT_CHECKPOINT and not (BUNDLED_DIR / f"{DEFAULT_CHECKPOINT}.safetensors").is_file():
+    bundled = BUNDLED_DIR / f"{DEFAULT_CHECKPOINT}.safetensors"
+    if args.checkpoint == DEFAULT_CHECKPOINT and not bundled.is_file() and not Path(args.checkpoint).exists():
         raise CheckpointError(
             f"the default model {DEFAULT_CHECKPOINT!r} is not bundled in this build; pass --checkpoint FILE|RUN_DIR"
         )
