@@ -142,7 +142,7 @@ def evaluate(
     return EvalResult(
         n=n,
         loss=float(loss_sum.cpu()) / n,
-        topk_errors={k: 1.0 - c / n for k, c in zip(topk, correct_host)},
+        topk_errors={k: (n - c) / n for k, c in zip(topk, correct_host)},
         confusion=confusion.view(num_classes, num_classes).cpu(),
     )
 
