@@ -1,0 +1,1 @@
+"""Benchmarks: matmul peak, training throughput and MFU, and the standard-recipe baseline."""

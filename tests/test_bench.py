@@ -1,0 +1,135 @@
+"""Smoke tests of the benchmark: tiny runs, the JSON contract, the MFU arithmetic, the baseline's
+transforms against torchvision's semantics. Timings themselves are never asserted."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from resnetlab.bench import baseline as baseline_mod
+from resnetlab.bench import train_bench
+from resnetlab.bench.baseline import (BaselineConfig, Normalize, RandomCrop, RandomHorizontalFlip, run_baseline,
+                                      standard_train_transform, to_tensor)
+from resnetlab.bench.contention import ForeignLoad
+from resnetlab.bench.memory import PeakRSS
+from resnetlab.bench.peak import measure_peak_gflops
+from resnetlab.bench.report import Comparison
+from resnetlab.bench.train_bench import (SUMMARY_KEYS, BenchConfig, BenchResult, Window, best_window, mfu,
+                                         run_train_bench, train_flops_per_image)
+from resnetlab.cli import main
+from resnetlab.errors import ConfigError
+
+TINY = dict(batch_size=8, steps=2, warmup_steps=1, windows=1, num_images=32, retry_seconds=0)
+
+
+@pytest.fixture
+def fake_peak(monkeypatch):
+    """A fixed peak instead of seconds of matmuls."""
+    monkeypatch.setattr(train_bench, "measure_peak_gflops", lambda dtype, device: 100.0)
+    monkeypatch.setattr(baseline_mod, "measure_peak_gflops", lambda dtype, device: 50.0)
+
+
+def fake_result(images_per_s: float) -> BenchResult:
+    return BenchResult(images_per_s=images_per_s, mfu=0.5, peak_gflops=345.0, train_gflop_per_image=0.2424,
+                       peak_rss_mb=600.0)
+
+
+def test_mfu_is_achieved_flops_over_peak():
+    # 1,000 ResNet-20 images/s at 242.4 MFLOP each against a 345 GFLOP/s peak
+    assert mfu(1000, 0.2424, 345.0) == pytest.approx(242.4 / 345.0)
+    assert mfu(1000, 0.2424, 0.0) == 0.0
+
+
+def test_training_flops_are_counted_not_assumed():
+    flops = train_flops_per_image("resnet20", 32)
+    forward = 2 * 40_551_040  # ResNet-20: 40.55 M multiply-adds per 32x32 image (paper, FACTS.md)
+    assert 2.9 * forward < flops < 3.0 * forward  # the first conv needs no input gradient
+
+
+def test_peak_is_positive_for_a_small_matmul():
+    assert measure_peak_gflops(torch.float32, "cpu", sizes=(64,), min_seconds=0.01, repeats=1) > 0
+
+
+def test_best_window_prefers_clean_windows():
+    fast_but_shared = Window(seconds=1.0, steps=10, foreign_cores=1.5)
+    clean = Window(seconds=2.0, steps=10, foreign_cores=0.0)
+    assert best_window([fast_but_shared, clean]) is clean
+    assert best_window([fast_but_shared]) is fast_but_shared  # nothing clean: the best there is
+
+
+def test_comparison_json_has_the_documented_keys():
+    alone = Comparison(fake_result(900.0)).as_json()
+    assert list(alone) == ["resnetlab"] and list(alone["resnetlab"]) == list(SUMMARY_KEYS)
+    both = Comparison(fake_result(900.0), fake_result(300.0)).as_json()
+    assert list(both) == ["resnetlab", "baseline", "speedup"]
+    assert list(both["baseline"]) == list(SUMMARY_KEYS)
+    assert both["speedup"] == pytest.approx(3.0)
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="precision"):
+        BenchConfig(precision="int8")
+    with pytest.raises(ConfigError, match="steps"):
+        BenchConfig(steps=0)
+
+
+def test_tiny_fast_path_run(fake_peak):
+    result = run_train_bench(BenchConfig(precision="fp32", channels_last=True, **TINY))
+    assert result.images_per_s > 0 and result.peak_gflops == 100.0
+    assert result.mfu == pytest.approx(result.images_per_s * result.train_gflop_per_image / 100.0)
+    assert result.peak_rss_mb > 0 and result.channels_last and result.precision == "fp32"
+
+
+def test_tiny_baseline_run_without_workers(fake_peak):
+    result = run_baseline(BaselineConfig(batch_size=8, steps=2, warmup_steps=1, windows=1, num_workers=0,
+                                         num_images=32, retry_seconds=0))
+    assert result.images_per_s > 0 and result.precision == "fp32" and not result.channels_last
+    assert result.peak_gflops == 50.0
+
+
+def test_cli_json(fake_peak, capsys):
+    assert main(["bench", "train", "--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup-steps", "1",
+                 "--precision", "fp32", "--retry-seconds", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out) == ["resnetlab"] and set(out["resnetlab"]) == set(SUMMARY_KEYS)
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        crop = RandomCrop(32, padding=4)(image)
+        assert crop.shape == (32, 32, 3)
+        matches = [(t, l) for t in range(9) for l in range(9) if np.array_equal(padded[t:t + 32, l:l + 32], crop)]
+        assert matches
+        seen.add(matches[0])
+    assert len(seen) > 10  # offsets vary over the 9 x 9 positions
+
+
+def test_flip_to_tensor_and_normalize_follow_torchvision():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    flips = {RandomHorizontalFlip(0.5)(image)[0, 0, 0] for _ in range(40)}
+    assert flips == {image[0, 0, 0], image[0, -1, 0]}
+    tensor = to_tensor(image)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert torch.equal(tensor, torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+    normalized = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(tensor)
+    assert torch.allclose(normalized, (tensor - 0.5) / 0.25)
+    assert standard_train_transform()(image).shape == (3, 32, 32)
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakRSS() as rss:
+        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
+        block[::512] = 2
+    assert rss.peak_mb > 64
+
+
+def test_foreign_load_is_a_nonnegative_core_count():
+    with ForeignLoad() as load:
+        sum(range(10_000))
+    assert load.cores >= 0.0
