@@ -195,9 +195,9 @@ def test_eval_of_a_trained_run_reproduces_its_logged_validation(capsys, tmp_path
 
     from resnetlab.engine.train import train
 
-    data = write_synthetic_cifar10(tmp_path / "data")
-    result = train(tiny_config(data, tmp_path / "run", **{"train.epochs": 1, "data.split_seed": 5, "data.limit_train": 128}),
-                   progress="none")
+    data = write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=100)
+    overrides = {"train.epochs": 1, "data.val_size": 100, "data.split_seed": 5, "data.limit_train": 128}
+    result = train(tiny_config(data, tmp_path / "run", **overrides), progress="none")
     code, out, err = run_cli(capsys, "eval", result.run_dir, "--data-dir", data, "--split", "val", "--json", "--device", "cpu")
     assert code == 0, err
     summary = json.loads(out)
