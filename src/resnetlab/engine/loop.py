@@ -151,10 +151,7 @@ def run_epoch(
 
 def check_finite(value: float, what: str, step: int) -> None:
     if not math.isfinite(value):
-        raise DivergenceError(
-            f"training diverged: the {what} became {value} by step {step}; the last good checkpoint is kept "
-            "(try a lower learning rate or a warm-up)"
-        )
+        raise DivergenceError(f"training diverged: the {what} became {value} by step {step}")
 
 
 def default_bn_momentum(trainer: Trainer) -> None:

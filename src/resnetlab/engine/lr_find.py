@@ -17,6 +17,7 @@ import numpy as np
 from resnetlab.config import RunConfig
 from resnetlab.engine.data import load_train_data
 from resnetlab.engine.loop import default_bn_momentum
+from resnetlab.engine.runtime import use_threads
 from resnetlab.engine.setup import build_trainer, resolved_config
 from resnetlab.errors import ConfigError
 
@@ -55,32 +56,40 @@ def lr_range_test(config: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 
                   smoothing: float = 0.9, stop_factor: float = 4.0) -> LrFindResult:
     if not 0 < start_lr < end_lr or steps < 5:
         raise ConfigError(f"lr-find needs 0 < start lr < end lr and at least 5 steps, got {start_lr}, {end_lr}, {steps}")
+    with use_threads(config.runtime.threads):
+        return _sweep(config, ExponentialSweep(start_lr, end_lr, steps), smoothing, stop_factor)
+
+
+def _sweep(config: RunConfig, sweep: ExponentialSweep, smoothing: float, stop_factor: float) -> LrFindResult:
     config = resolved_config(config)
     data = load_train_data(config, config.runtime)
     trainer = build_trainer(config, data)
     default_bn_momentum(trainer)
-    trainer.schedule = ExponentialSweep(start_lr, end_lr, steps)
+    trainer.schedule = sweep
     lrs, losses, smoothed = [], [], []
-    average, epoch = 0.0, 0
-    while trainer.step < steps:
-        data.loader.set_epoch(epoch)
-        for batch, (x, y) in enumerate(data.loader):
-            if trainer.step >= steps:
-                break
-            trainer.train_step(x, y, batch)
-            loss, _, _ = trainer.interval_meter.read()  # one sync per step: this is a short probe
-            trainer.interval_meter.reset()
-            average = smoothing * average + (1 - smoothing) * loss
-            lrs.append(trainer.lr)
-            losses.append(loss)
-            smoothed.append(average / (1 - smoothing ** len(losses)))  # bias-corrected EMA
-            if not math.isfinite(loss) or smoothed[-1] > stop_factor * min(smoothed):
-                break  # diverged: larger lrs tell nothing more
-        else:
-            epoch += 1
-            continue
-        break
+    average = 0.0
+    for batch, (x, y) in _endless(data.loader):
+        if trainer.step >= sweep.steps:
+            break
+        trainer.train_step(x, y, batch)
+        loss, _, _ = trainer.interval_meter.read()  # one sync per step: this is a short probe
+        trainer.interval_meter.reset()
+        average = smoothing * average + (1 - smoothing) * loss
+        lrs.append(trainer.lr)
+        losses.append(loss)
+        smoothed.append(average / (1 - smoothing ** len(losses)))  # bias-corrected EMA
+        if not math.isfinite(loss) or smoothed[-1] > stop_factor * min(smoothed):
+            break  # diverged: larger lrs tell nothing more
     return _suggest(lrs, losses, smoothed)
+
+
+def _endless(loader):
+    """(batch index in epoch, batch) over as many epochs as it takes."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from enumerate(loader)
+        epoch += 1
 
 
 def _suggest(lrs: list[float], losses: list[float], smoothed: list[float]) -> LrFindResult:

@@ -51,12 +51,23 @@ class Runtime:
 
 
 def resolve_runtime(cfg: RuntimeSection) -> Runtime:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
     return Runtime(device, precision, channels_last, cfg.compile)
+
+
+@contextlib.contextmanager
+def use_threads(threads: int | None):
+    """torch's intra-op thread count for the duration of a run, restored afterwards (it is
+    process-wide state; None leaves it alone)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str) -> torch.device:

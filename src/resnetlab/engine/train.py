@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import json
 import signal
 import sys
@@ -27,11 +28,13 @@ from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
 from resnetlab.config import RunConfig, validate_config
 from resnetlab.engine.data import TrainData, load_train_data
 from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
+from resnetlab.engine.runtime import use_threads
 from resnetlab.engine.state import load_training_state, training_state
 from resnetlab.engine.setup import build_trainer, resolved_config
-from resnetlab.errors import ConfigError, ResnetlabError
+from resnetlab.errors import ConfigError, DivergenceError, ResnetlabError
 
 PROGRESS_MODES = ("bar", "lines", "none")
+PLOT_EVERY_SECONDS = 60.0
 
 
 class TrainingInterrupted(ResnetlabError):
@@ -54,9 +57,16 @@ def train(config: RunConfig | dict, *, progress: str = "bar", on_epoch_end: Call
     config = config if isinstance(config, RunConfig) else validate_config(config)
     if config.out is None:
         raise ConfigError("invalid value for 'out': the run directory is not set (--out RUN_DIR)")
+    existed = Path(config.out).exists()
     run = create_run_dir(config.out)
-    session = Session.start(config, run, progress)
-    return session.fit(on_epoch_end, on_step)
+    with use_threads(config.runtime.threads):
+        try:
+            session = Session.start(config, run, progress)
+        except BaseException:
+            if not existed and not any(run.root.iterdir()):
+                run.root.rmdir()  # bad data or options: leave no empty run directory behind
+            raise
+        return session.fit(on_epoch_end, on_step)
 
 
 def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable[[dict], None] | None = None,
@@ -67,8 +77,9 @@ def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable
     if run.finished:
         raise ResnetlabError(f"{run.root} already finished (summary.json exists); nothing to resume")
     config = validate_config(json.loads(run.config.read_text()))
-    session = Session.restore(config, run, progress)
-    return session.fit(on_epoch_end, on_step)
+    with use_threads(config.runtime.threads):
+        session = Session.restore(config, run, progress)
+        return session.fit(on_epoch_end, on_step)
 
 
 @dataclass
@@ -89,6 +100,8 @@ class Session:
     train_images: int = 0
     started: float = field(default_factory=time.perf_counter)
     stop_requested: bool = False
+    saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
+    plotted_at: float = -math.inf
 
     # --- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -109,6 +122,7 @@ class Session:
         session.best, session.last_eval = state["best"], state["last_eval"]
         session.elapsed, session.train_seconds = state["elapsed_seconds"], state["train_seconds"]
         session.train_images = state["train_images"]
+        session.saved_at = (session.epoch, session.trainer.step)
         metrics_io.MetricsLog(run.metrics_jsonl, run.metrics_csv).truncate_after(session.trainer.step)
         return session
 
@@ -128,6 +142,14 @@ class Session:
 
     # --- the run ----------------------------------------------------------------------------------
     def fit(self, on_epoch_end=None, on_step=None) -> RunResult:
+        try:
+            return self._fit(on_epoch_end, on_step)
+        except DivergenceError as error:
+            kept = (f"the last good checkpoint (epoch {self.saved_at[0]}, step {self.saved_at[1]}) is kept in "
+                    f"{self.run.checkpoints}" if self.saved_at else "no checkpoint had been written yet")
+            raise DivergenceError(f"{error}; {kept}. Try a lower learning rate or a warm-up.") from None
+
+    def _fit(self, on_epoch_end, on_step) -> RunResult:
         data, trainer = self.data, self.trainer
         with _stop_on_signals(self):
             while self.epoch < data.num_epochs and trainer.step < data.total_steps:
@@ -160,6 +182,7 @@ class Session:
     def _interrupted(self) -> None:
         self._check_training_loss()
         self.save_state()
+        self._plot(force=True)
         raise TrainingInterrupted(
             f"stopped at step {self.trainer.step} (epoch {self.epoch + 1}); checkpoint saved. "
             f"Continue with: resnetlab train --resume {self.run.root}"
@@ -224,6 +247,7 @@ class Session:
 
     def _finish(self) -> RunResult:
         bn_note = self._reestimate_bn() if self.config.bn.reestimate else None
+        self._plot(force=True)
         summary = self._summary(bn_note)
         write_json_atomic(self.run.summary, summary)
         final = summary["final"]
@@ -245,7 +269,6 @@ class Session:
         self.metrics.append({"kind": "final", "epoch": self.epoch, "step": trainer.step, **after,
                              "wall_seconds": self.wall_seconds})
         save_checkpoint(self.run.last, trainer.eval_model.state_dict(), self.model_metadata(bn_reestimated=True))
-        self._plot()
         return {"batches": used, "before": before, "after": after}
 
     def _summary(self, bn_note: dict | None) -> dict:
@@ -272,6 +295,7 @@ class Session:
         save_tensors_atomic(self.run.state, tensors, {"state": state})
         save_checkpoint(self.run.last, self.trainer.eval_model.state_dict(), self.model_metadata())
         write_json_atomic(self.run.state_json, state)
+        self.saved_at = (self.epoch, self.trainer.step)
 
     def model_metadata(self, **extra) -> dict:
         cfg, data = self.config, self.data
@@ -292,7 +316,12 @@ class Session:
     def wall_seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
 
-    def _plot(self) -> None:
+    def _plot(self, force: bool = False) -> None:
+        """Redraw curves.png: at the end, and after an epoch when the last drawing is a minute old
+        (drawing takes about a second, too much to repeat after every short epoch)."""
+        if not force and time.perf_counter() - self.plotted_at < PLOT_EVERY_SECONDS:
+            return
+        self.plotted_at = time.perf_counter()
         from resnetlab.artifacts.plots import plot_curves
 
         title = f"{self.config.model.name} ({self.config.recipe or 'custom recipe'}), {self.run.root.name}"
