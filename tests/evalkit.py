@@ -54,3 +54,21 @@ def write_checkpoint(path: Path, classes=CLASSES, model_name: str = "resnet8", s
         model.train()(images.float() / 255 - 0.5)
     save_checkpoint(path, model.state_dict(), tiny_metadata(model_name, classes, images, **extra))
     return path
+
+
+def run_cli(capsys, *argv):
+    """Run `resnetlab ARGV...` in-process: (exit code, stdout, stderr)."""
+    from resnetlab.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    """A user error: non-zero exit, nothing on stdout, one `resnetlab: error:` line holding `fragments`."""
+    assert code != 0 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resnetlab: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

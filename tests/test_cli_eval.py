@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import resnetlab
-from evalkit import CLASSES, write_checkpoint, write_image_folder
+from evalkit import CLASSES, assert_one_line_error, run_cli, write_checkpoint, write_image_folder
 from resnetlab.artifacts import checkpoint as ckpt
-from resnetlab.cli import main
 from resnetlab.cli.eval_cmd import remap_labels
 from resnetlab.data import Normalizer, load_dataset
 from resnetlab.errors import DataError
@@ -35,21 +34,6 @@ def run_dir(tmp_path, checkpoint_file):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint_file, tmp_path / "run" / "checkpoints" / "last.safetensors")
     return tmp_path / "run"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code != 0
-    assert out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("resnetlab: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_json_has_the_five_keys_and_matches_evaluate(capsys, test_only_data, checkpoint_file):

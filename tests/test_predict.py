@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 
 import resnetlab
-from evalkit import CLASSES, write_checkpoint
+from evalkit import CLASSES, assert_one_line_error, run_cli, write_checkpoint
 from resnetlab.artifacts import checkpoint as ckpt
-from resnetlab.cli import main
 from resnetlab.data import Normalizer
 from resnetlab.inference import input_hw, load_images, resize_center_crop
 
@@ -33,20 +32,6 @@ def images(tmp_path_factory):
     grey = folder / "grey.bmp"
     Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(grey)
     return [square, wide, grey]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, out, err, *fragments):
-    assert code != 0 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("resnetlab: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_predict_json_matches_the_model(capsys, checkpoint_file, images):
