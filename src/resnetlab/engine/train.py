@@ -102,6 +102,7 @@ class Session:
     stop_requested: bool = False
     saved_at: tuple[int, int] | None = None  # (epoch, step) of the latest checkpoint
     plotted_at: float = -math.inf
+    logged_at: float = 0.0  # when the progress bar's images/s was last measured
 
     # --- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -154,6 +155,7 @@ class Session:
         with _stop_on_signals(self):
             while self.epoch < data.num_epochs and trainer.step < data.total_steps:
                 bar = self._progress_bar()
+                self.logged_at = time.perf_counter()
                 result = run_epoch(
                     trainer, data.loader, self.epoch, start_batch=self.batch_in_epoch, total_steps=data.total_steps,
                     on_log=lambda: self._log_step(bar), on_step=lambda done: self._after_step(done, on_step), progress=bar,
@@ -174,7 +176,8 @@ class Session:
         if on_step is not None:
             on_step(self.trainer.step)
         every = self.config.train.checkpoint_every_steps
-        if every and self.trainer.step % every == 0 and self.trainer.step < self.data.total_steps:
+        epoch_end = batch_done == self.data.steps_per_epoch or self.trainer.step == self.data.total_steps
+        if every and self.trainer.step % every == 0 and not epoch_end:  # the epoch's own checkpoint follows
             self._check_training_loss()
             self.save_state()
         return self.stop_requested
@@ -201,7 +204,11 @@ class Session:
         self.metrics.append({"kind": "step", "epoch": self.epoch + 1, "step": trainer.step, "train_loss": loss,
                              "train_top1_error": error, "lr": trainer.lr, "wall_seconds": self.wall_seconds})
         if bar is not None:
-            bar.set_postfix_str(f"loss {loss:.3f} err {error:.1%} lr {trainer.lr:.3g}", refresh=False)
+            now = time.perf_counter()
+            images_per_s = count / max(now - self.logged_at, 1e-9)
+            self.logged_at = now
+            bar.set_postfix_str(f"loss {loss:.3f} err {error:.1%} lr {trainer.lr:.3g} {images_per_s:.0f} img/s",
+                                refresh=False)
 
     def _end_epoch(self, result) -> dict:
         trainer = self.trainer
