@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import pkgutil
 import sys
 
 from resnetlab.errors import ResnetlabError
 
-# Module names under resnetlab.cli, in the order they appear in `resnetlab --help`.
-COMMAND_MODULES = [
+# Module names under resnetlab.cli, in the order they appear in `resnetlab --help`; any other
+# `*_cmd` module found in the package is added after them, so a new command needs no edit here.
+_ORDERED_COMMANDS = [
     "models_cmd",
     "data_cmd",
     "train_cmd",
@@ -21,8 +24,16 @@ COMMAND_MODULES = [
 ]
 
 
+def _discover_commands() -> list[str]:
+    found = {info.name for info in pkgutil.iter_modules(__path__) if info.name.endswith("_cmd")}
+    return [name for name in _ORDERED_COMMANDS if name in found] + sorted(found - set(_ORDERED_COMMANDS))
+
+
+COMMAND_MODULES = _discover_commands()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnetlab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="resnetlab", description="Build, train, evaluate and reproduce the ResNets of He et al. 2015.")
     from resnetlab import __version__
 
     parser.add_argument("--version", action="version", version=f"resnetlab {__version__}")
@@ -46,3 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("resnetlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `resnetlab eval ... | head`: the reader left; stop quietly as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
