@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from resnetlab.bench.memory import PeakRSS, maxrss_mb
 from resnetlab.bench.peak import measure_peak_gflops, synchronize
-from resnetlab.bench.train_bench import (BenchResult, best_window, default_num_images, mfu, resolve_device,
-                                         synthetic_data, time_windows, train_flops_per_image)
+from resnetlab.bench.train_bench import (BenchResult, best_window, default_num_images, mfu, synthetic_data,
+                                         time_windows, train_flops_per_image)
+from resnetlab.engine.runtime import resolve_device
 
 # The usual CIFAR-10 channel statistics of the tutorials.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

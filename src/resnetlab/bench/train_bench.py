@@ -21,7 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from resnetlab.bench.contention import ForeignLoad
 from resnetlab.bench.memory import PeakRSS
 from resnetlab.bench.peak import measure_peak_gflops, synchronize
+from resnetlab.engine.runtime import DTYPES
 from resnetlab.errors import ConfigError
+from resnetlab.models import model_info
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SUMMARY_KEYS = ("images_per_s", "mfu", "peak_gflops", "train_gflop_per_image", "peak_rss_mb")
@@ -40,6 +42,7 @@ class BenchConfig:
     channels_last: bool | None = None  # None: the engine's default for the device
     compile: bool = False
     device: str = "auto"
+    threads: int | None = None  # torch intra-op threads; None: torch's default (the core count)
     windows: int = 3
     retry_seconds: float = 60.0  # time spent re-running windows that another process shared
     image_size: int | None = None  # None: the model's native input size
@@ -111,28 +114,6 @@ def default_num_images(image_size: int, batch_size: int) -> int:
     return CIFAR_IMAGES if image_size <= 32 else 8 * batch_size
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this torch build sees no CUDA device")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
-    fp16 on older GPUs, fp32 otherwise."""
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("fp16 training is for CUDA; on a CPU use bf16 or fp32")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def synthetic_data(count: int, image_size: int, channels: int = 3, classes: int = 10, seed: int = 0):
@@ -183,41 +164,47 @@ def best_window(windows: list[Window], max_foreign_cores: float = 0.15) -> Windo
 
 
 def run_train_bench(cfg: BenchConfig, peak_gflops: float | None = None) -> BenchResult:
-    """Measure `cfg`. `peak_gflops`, when given, is reused instead of measured again."""
-    from resnetlab.bench import fast_step
-    from resnetlab.models import create_model, model_info
+    """Measure `cfg` with the engine's own training step. `peak_gflops`, when given, is reused
+    instead of measured again."""
+    previous = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_train_bench(cfg, peak_gflops)
+    finally:
+        torch.set_num_threads(previous)
 
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    channels_last = fast_step.default_channels_last(device) if cfg.channels_last is None else cfg.channels_last
+
+def _run_train_bench(cfg: BenchConfig, peak_gflops: float | None) -> BenchResult:
+    from resnetlab.bench.engine_step import EngineStepper, bench_run_config
+
+    config = bench_run_config(cfg)
+    runtime = config.runtime
+    device = torch.device(runtime.device)
     info = model_info(cfg.model)
     image_size = cfg.image_size or info["input_size"][-1]
     count = cfg.num_images or default_num_images(image_size, cfg.batch_size)
-    torch.manual_seed(cfg.seed)
     images, labels = synthetic_data(count, image_size, info["input_size"][0], info["num_classes"], cfg.seed)
 
     with PeakRSS() as rss:
-        model = create_model(cfg.model).to(device)
-        trainer = fast_step.FastTrainer(model, images, labels, batch_size=cfg.batch_size, device=device,
-                                        precision=precision, channels_last=channels_last, compile=cfg.compile,
-                                        seed=cfg.seed)
+        stepper = EngineStepper(config, images, labels, info["num_classes"])
         start = time.perf_counter()
         for _ in range(cfg.warmup_steps):
-            trainer.step()
-        trainer.sync()
+            stepper.step()
+        synchronize(device)
         warmup_s = time.perf_counter() - start
-        windows = time_windows(trainer.step, cfg.steps, cfg.windows, device, retry_seconds=cfg.retry_seconds)
-        trainer.check_finite()
+        windows = time_windows(stepper.step, cfg.steps, cfg.windows, device, retry_seconds=cfg.retry_seconds)
+        stepper.check_finite()
     best = best_window(windows)
     rate = best.rate(cfg.batch_size)
     flops = train_flops_per_image(cfg.model, image_size) / 1e9
-    peak = peak_gflops if peak_gflops is not None else measure_peak_gflops(DTYPES[precision], device)
+    peak = peak_gflops if peak_gflops is not None else measure_peak_gflops(DTYPES[runtime.precision], device)
     total_steps = sum(w.steps for w in windows)
     return BenchResult(
         images_per_s=rate, mfu=mfu(rate, flops, peak), peak_gflops=peak, train_gflop_per_image=flops,
-        peak_rss_mb=rss.peak_mb, model=cfg.model, batch_size=cfg.batch_size, precision=precision,
-        channels_last=channels_last, compile=cfg.compile, device=str(device), threads=torch.get_num_threads(),
-        step_ms=1000 * best.seconds / best.steps, warmup_s=warmup_s,
+        peak_rss_mb=rss.peak_mb, model=cfg.model, batch_size=cfg.batch_size, precision=runtime.precision,
+        channels_last=bool(runtime.channels_last), compile=runtime.compile, device=str(device),
+        threads=torch.get_num_threads(), step_ms=1000 * best.seconds / best.steps, warmup_s=warmup_s,
         mean_images_per_s=total_steps * cfg.batch_size / sum(w.seconds for w in windows),
         foreign_cores=best.foreign_cores,
     )

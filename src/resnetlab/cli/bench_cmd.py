@@ -38,6 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--retry-seconds", type=float, default=60.0,
                        help="time to spend re-running windows during which other processes were busy "
                             "(0: never; default: 60)")
+    train.add_argument("--threads", type=_positive, default=None,
+                       help="torch intra-op threads (default: torch's, one per core)")
     train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     train.add_argument("--json", action="store_true", help="print the results as JSON")
     train.set_defaults(func=run_train)
@@ -63,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
                       precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-                      device=args.device, retry_seconds=args.retry_seconds)
+                      device=args.device, threads=args.threads, retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
