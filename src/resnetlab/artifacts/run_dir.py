@@ -73,7 +73,7 @@ def open_run_dir(path: str | Path) -> RunDir:
     if not run.config.is_file():
         raise ResnetlabError(f"cannot resume {run.root}: it has no config.json (not a resnetlab run directory)")
     if not run.state.is_file():
-        raise ResnetlabError(f"cannot resume {run.root}: it has no checkpoint yet (checkpoints/state.safetensors); start it again")
+        raise ResnetlabError(f"cannot resume {run.root}: it has no checkpoint yet (checkpoints/state.safetensors); delete it and start the run again")
     ensure_writable(run.root)
     return run
 

@@ -149,6 +149,15 @@ class Session:
             kept = (f"the last good checkpoint (epoch {self.saved_at[0]}, step {self.saved_at[1]}) is kept in "
                     f"{self.run.checkpoints}" if self.saved_at else "no checkpoint had been written yet")
             raise DivergenceError(f"{error}; {kept}. Try a lower learning rate or a warm-up.") from None
+        except OSError as error:  # a full disk, a lost mount: the atomic writes kept the last checkpoint whole
+            raise ResnetlabError(self._write_failed(error)) from None
+
+    def _write_failed(self, error: OSError) -> str:
+        reason = f"cannot write to the run directory {self.run.root}: {error.strerror or error}"
+        if self.saved_at is None:
+            return f"{reason}; no checkpoint had been written yet: free some space, delete it and start the run again"
+        return (f"{reason}; the checkpoint of epoch {self.saved_at[0]}, step {self.saved_at[1]} is kept. "
+                f"Free some space and continue with: resnetlab train --resume {self.run.root}")
 
     def _fit(self, on_epoch_end, on_step) -> RunResult:
         data, trainer = self.data, self.trainer
@@ -300,9 +309,9 @@ class Session:
                       "last_eval": self.last_eval, "elapsed_seconds": self.wall_seconds,
                       "train_seconds": self.train_seconds, "train_images": self.train_images})
         save_tensors_atomic(self.run.state, tensors, {"state": state})
+        self.saved_at = (self.epoch, self.trainer.step)  # resume starts here even if a later write fails
         save_checkpoint(self.run.last, self.trainer.eval_model.state_dict(), self.model_metadata())
         write_json_atomic(self.run.state_json, state)
-        self.saved_at = (self.epoch, self.trainer.step)
 
     def model_metadata(self, **extra) -> dict:
         cfg, data = self.config, self.data
