@@ -10,7 +10,7 @@ rerun after a crash replays the seeded algorithm and reuses the trials already i
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 
@@ -128,23 +128,27 @@ def _evaluate(spec: StudySpec, study, done: dict, generation: int, population: l
         trial = study.ask(spec.space.distributions())
         trials[m] = trial
     base = validate_config(spec.base)
-    jobs = [(base, trials[m].params, trial_dir(spec, trials[m].number)) for m in todo]
+    jobs = {m: (base, trials[m].params, trial_dir(spec, trials[m].number)) for m in todo}
+    # Each result is told to the study as soon as it exists, so a crash loses only unfinished trials.
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            outcomes = list(pool.map(run_trial, *zip(*jobs)))
+            futures = {pool.submit(run_trial, *job): m for m, job in jobs.items()}
+            for future in as_completed(futures):
+                fitness[futures[future]] = _tell(study, trials[futures[future]], future.result())
     else:
-        outcomes = [run_trial(*job) for job in jobs]
-    for m, outcome in zip(todo, outcomes):
-        trial = trials[m]
-        trial.set_user_attr("epochs", outcome.epochs)
-        if outcome.accuracy is None:  # diverged: fitness 0, recorded as a failed trial
-            trial.set_user_attr("error", outcome.error)
-            study.tell(trial, state=_fail())
-            fitness[m] = 0.0
-        else:
-            study.tell(trial, outcome.accuracy)
-            fitness[m] = outcome.accuracy
+        for m, job in jobs.items():
+            fitness[m] = _tell(study, trials[m], run_trial(*job))
     return fitness
+
+
+def _tell(study, trial, outcome) -> float:
+    trial.set_user_attr("epochs", outcome.epochs)
+    if outcome.accuracy is None:  # diverged: fitness 0, recorded as a failed trial
+        trial.set_user_attr("error", outcome.error)
+        study.tell(trial, state=_fail())
+        return 0.0
+    study.tell(trial, outcome.accuracy)
+    return outcome.accuracy
 
 
 def _fail():

@@ -41,6 +41,8 @@ def open_storage(url: str, heartbeat: bool = True):
 
     # A heartbeat lets a rerun mark the RUNNING trials of a killed process as failed (Study.optimize
     # only; the GA marks its own).
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ExperimentalWarning
