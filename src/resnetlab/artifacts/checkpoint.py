@@ -107,9 +107,16 @@ def _read_header_metadata(data: bytes) -> dict:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a model checkpoint: (state_dict, metadata). The metadata must name the model."""
     state_dict, metadata = read_tensors(path)
-    if "model" not in metadata:
+    if not isinstance(metadata, dict) or "model" not in metadata:
         raise CheckpointError(f"{path} has no resnetlab metadata (model name); was it written by resnetlab?")
+    for key, kind in _METADATA_TYPES.items():  # a hand-edited or foreign header must not crash the loader
+        if key in metadata and not isinstance(metadata[key], kind):
+            raise CheckpointError(f"{path} has malformed resnetlab metadata: {key!r} must be a {kind.__name__}, "
+                                  f"got {type(metadata[key]).__name__}")
     return state_dict, metadata
+
+
+_METADATA_TYPES = {"model": str, "model_options": dict, "classes": list}
 
 
 def bundled_names() -> list[str]:
