@@ -8,7 +8,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from resnetlab.artifacts.run_dir import RunDir
@@ -114,7 +114,3 @@ def aggregate(rows: list[RunRow]) -> list[ConfigStats]:
                     statistics.fmean(r.wall_s for r in runs))
         for name, runs in by_config.items()
     ]
-
-
-def row_fields() -> list[str]:
-    return [f.name for f in fields(RunRow)]

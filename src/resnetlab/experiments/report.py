@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _data_statements(rows: list[RunRow]) -> list[str]:
     if data_cfg.get("limit_train") or data_cfg.get("limit_val"):
         items.append("The training/validation sets are random subsets (data.limit_train / data.limit_val): "
                      "a test-scale run, the numbers say nothing about the paper's.")
-    if "jp" in source.lower():
+    if re.search(r"\bjpe?g\b", source.lower()):
         items.append("This is a JPEG copy of CIFAR-10: compression artefacts make every error higher than on the "
                      "lossless original the paper and the seeds used.")
     else:
@@ -201,7 +202,7 @@ def plot_error_bars(stats: list[ConfigStats], rows: list[RunRow], references: di
         for j, source in enumerate(SOURCE_COLUMNS):
             ref = next((r for r in references.get(c.config, []) if r["source"] == source), None)
             if ref is not None:
-                ax.scatter([i + 0.15], [ref["value"]], marker="x", color=f"C{j + 1}", zorder=4,
+                ax.scatter([i + 0.12 * (j + 1)], [ref["value"]], marker="x", color=f"C{j + 1}", zorder=4,
                            label=SOURCE_COLUMNS[source] if source not in ax.get_legend_handles_labels()[1] else None)
     ax.set_xticks(range(len(stats)), [c.config for c in stats], rotation=30, ha="right")
     ax.set(ylabel="top-1 error (%)", title="final validation error per config")
@@ -235,10 +236,10 @@ def plot_curves_by_config(rows: list[RunRow], path: Path, meta: dict) -> None:
         configs = list(dict.fromkeys(r.config for r in rows if (r.group or "runs") == group))
         for k, config in enumerate(configs):
             runs = [r for r in rows if r.config == config]
-            for key, style, suffix in (("train_top1_error", "--", " train"), ("val_top1_error", "-", " val")):
+            for key, style, marker, suffix in (("train_top1_error", "--", "x", " train"), ("val_top1_error", "-", "o", " val")):
                 steps, values = mean_curve(runs, key)
-                ax.plot(steps, [100 * v for v in values], style, color=f"C{k % 10}", marker="." if len(steps) < 3 else None,
-                        label=config + suffix)
+                ax.plot(steps, [100 * v for v in values], style, color=f"C{k % 10}", label=config + suffix,
+                        marker=marker if len(steps) < 3 else None)  # a lone point needs a marker to be seen
         ax.set(xlabel="iterations", ylabel="top-1 error (%)", title=group)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

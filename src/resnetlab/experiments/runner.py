@@ -110,11 +110,11 @@ def run_sweep(sweep: Sweep, log: Callable[[str], None] = print) -> SweepResult:
     sweep goes on. Returns the rows of the finished runs in plan order."""
     experiment, runs = plan(sweep)
     ensure_writable(sweep.out)
+    states = [_prepare(run) for run in runs]  # refuses a changed config before anything is written
     write_experiment_file(sweep, experiment, runs)
     result = SweepResult(rows=[])
     todo = []
-    for run in runs:
-        state = _prepare(run)
+    for run, state in zip(runs, states):
         if state == "finished":
             result.skipped += 1
             log(f"{_label(run)}: finished earlier, skipped")
@@ -128,8 +128,7 @@ def run_sweep(sweep: Sweep, log: Callable[[str], None] = print) -> SweepResult:
 
 
 def _prepare(run: PlannedRun) -> str:
-    """"finished", "resumable" or "new"; refuses a run directory made with another config, and
-    clears one that was started but never checkpointed (nothing in it can be resumed)."""
+    """"finished", "resumable" or "new"; refuses a run directory made with another config."""
     existing = RunDir(run.run_dir)
     if existing.config.is_file():
         _check_same_config(run, json.loads(existing.config.read_text()))
@@ -137,8 +136,6 @@ def _prepare(run: PlannedRun) -> str:
         return "finished"
     if existing.resumable:
         return "resumable"
-    if existing.root.is_dir():
-        shutil.rmtree(existing.root)
     return "new"
 
 
@@ -152,6 +149,9 @@ def _check_same_config(run: PlannedRun, saved: dict) -> None:
 
 
 def _execute_all(todo: list[tuple[PlannedRun, bool]], jobs: int, result: SweepResult, log) -> None:
+    for run, resume in todo:
+        if not resume and run.run_dir.is_dir():
+            shutil.rmtree(run.run_dir)  # started but never checkpointed: nothing in it can be resumed
     total = len(todo)
     if jobs == 1 or total <= 1:
         for index, (run, resume) in enumerate(todo, 1):
