@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from resnetlab.data._decode import as_eight_bit
 from resnetlab.errors import CheckpointError, DataError
 
 
@@ -69,7 +70,7 @@ def read_image(path: str | Path) -> Image.Image:
     """Open an image file fully (decoding errors surface here) as RGB; DataError naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return as_eight_bit(image).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).splitlines()[0]
         raise DataError(f"cannot read image {path}: {reason}") from None

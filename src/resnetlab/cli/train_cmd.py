@@ -7,7 +7,7 @@ from resnetlab.errors import ResnetlabError
 
 # Flags that describe a new run; with --resume the run's own config.json decides them.
 CONFIG_FLAGS = ("model", "recipe", "recipe_file", "data_dir", "out", "epochs", "seed", "val_size", "device",
-                "precision", "compile", "overrides", "checkpoint_every")
+                "precision", "compile", "overrides", "checkpoint_every", "skip_bad_images")
 
 
 def add_parser(subparsers) -> None:
@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.05 --set schedule.milestones=[80,160]")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
+    parser.add_argument("--skip-bad-images", action="store_true", default=None,
+                        help="leave unreadable images of an image folder out (warns) instead of stopping")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch (for logs)")
     parser.set_defaults(func=run)
@@ -64,6 +66,7 @@ def config_from_args(args):
         "model.name": args.model, "data.dir": args.data_dir, "out": args.out, "train.seed": args.seed,
         "data.val_size": args.val_size, "runtime.device": args.device, "runtime.precision": args.precision,
         "runtime.compile": args.compile, "train.checkpoint_every_steps": args.checkpoint_every,
+        "data.skip_bad_images": args.skip_bad_images,
     }  # fmt: skip
     recipe = args.recipe or (None if args.recipe_file else DEFAULT_RECIPE)
     overrides = list(args.overrides)
