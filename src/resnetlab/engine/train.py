@@ -76,7 +76,10 @@ def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable
     run = open_run_dir(run_dir)
     if run.finished:
         raise ResnetlabError(f"{run.root} already finished (summary.json exists); nothing to resume")
-    config = validate_config(json.loads(run.config.read_text()))
+    try:
+        config = validate_config(json.loads(run.config.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a hand-edited or damaged file
+        raise ConfigError(f"{run.config} is not valid JSON ({error}); the run cannot be resumed without it") from None
     with use_threads(config.runtime.threads):
         session = Session.restore(config, run, progress)
         return session.fit(on_epoch_end, on_step)
