@@ -98,7 +98,7 @@ def test_settings_are_checked():
 def fake_fitness(calls):
     def run_trial(base, params, out, on_epoch=None):
         calls.append(dict(params))
-        if params["optim.momentum"] > 0.95:  # stands for a diverging run
+        if params["optim.momentum"] > 0.8:  # stands for a diverging run
             return TrialOutcome(None, 0, "training loss is nan")
         return TrialOutcome(1.0 / (1.0 + abs(math.log10(params["optim.lr"]) + 3)), 1)
 
@@ -112,21 +112,21 @@ def spec(tmp_path, name="ga"):
 
 def finished(study):
     return sorted((t.user_attrs["generation"], t.user_attrs["member"], t.state.name, t.value, tuple(t.params.values()))
-                  for t in study.get_trials() if t.state.name in ("COMPLETE", "FAIL") and not t.user_attrs.get("interrupted"))
+                  for t in study.get_trials() if t.state.name == "COMPLETE")
 
 
 def test_ga_is_seeded_improves_and_scores_divergence_zero(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(genetic, "run_trial", fake_fitness(calls))
-    settings = GASettings(population=6, generations=4, seed=3)
+    settings = GASettings(population=4, generations=3, seed=3)
     study = run_genetic(spec(tmp_path / "a"), settings, log=lambda *_: None)
-    assert len(calls) == 6 + 3 * 3  # survivors are not retrained
+    assert len(calls) == 4 + 2 * 2  # survivors are not retrained
     trials = study.get_trials()
-    assert {t.user_attrs["generation"] for t in trials} == {0, 1, 2, 3}
-    best_by_gen = [max((t.value or 0) for t in trials if t.user_attrs["generation"] <= g) for g in range(4)]
+    assert {t.user_attrs["generation"] for t in trials} == {0, 1, 2}
+    best_by_gen = [max((t.value or 0) for t in trials if t.user_attrs["generation"] <= g) for g in range(3)]
     assert best_by_gen == sorted(best_by_gen)
     failed = [t for t in trials if t.state.name == "FAIL"]
-    assert all(t.params["optim.momentum"] > 0.95 for t in failed)
+    assert all(t.params["optim.momentum"] > 0.8 for t in failed)
     again = run_genetic(spec(tmp_path / "b"), settings, log=lambda *_: None)
     assert finished(again) == finished(study)
 
@@ -163,5 +163,5 @@ def test_divergence_from_the_engine_is_a_failed_trial(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "train", diverge)
     study = run_genetic(spec(tmp_path), GASettings(population=2, generations=1), log=lambda *_: None)
-    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL"]
+    assert [(t.state.name, t.value) for t in study.get_trials()] == [("COMPLETE", 0.0)] * 2
     assert "inf" in study.get_trials()[0].user_attrs["error"]

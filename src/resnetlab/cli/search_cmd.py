@@ -3,6 +3,7 @@ Optuna TPE or random search (or all three at one budget); writes a leaderboard, 
 best configuration as a recipe file."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from resnetlab.errors import ResnetlabError
@@ -56,7 +57,14 @@ def run(args) -> int:
         ga=GASettings(args.population, args.generations, args.mutation_rate, args.seed), storage=args.storage,
         workers=args.workers, pruner=args.pruner, seed=args.seed,
     )  # fmt: skip
-    report = run_search(request)
+    from resnetlab.engine.train import TrainingInterrupted
+
+    try:
+        report = run_search(request)
+    except TrainingInterrupted:
+        print("resnetlab: search stopped; the finished trials are kept in the study. "
+              "Rerun the same command to continue it.", file=sys.stderr)
+        return 130
     print(f"leaderboard {report.out / 'leaderboard.md'}; best config {report.out / 'best_recipe.yaml'} "
           f"(resnetlab train --recipe-file ... --epochs E --out RUN_DIR)")
     return 0

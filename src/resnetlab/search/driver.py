@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resnetlab.config import RunConfig
+from resnetlab.errors import ConfigError
 from resnetlab.search.genetic import GASettings, run_genetic
 from resnetlab.search.leaderboard import best_row, trial_rows, write_best_recipe, write_csv, write_markdown
 from resnetlab.search.optuna_search import METHODS, StudySpec, run_optuna, storage_url
@@ -53,6 +54,8 @@ def ga_settings_for(settings: GASettings, trials: int) -> GASettings:
 
 
 def run_search(request: SearchRequest, log=print) -> SearchReport:
+    if request.base.data.val_size == 0:
+        raise ConfigError("search scores trials on the validation split; set --val-size > 0")
     out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
     trials = request.trials or ga_trials(request.ga)

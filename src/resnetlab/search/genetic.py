@@ -105,8 +105,8 @@ def _finished_trials(study) -> dict[tuple[int, int], float]:
     """(generation, member) -> fitness of trials a previous run already finished."""
     done = {}
     for t in study.get_trials(deepcopy=False):
-        if t.state.name in ("COMPLETE", "FAIL") and "generation" in t.user_attrs and "interrupted" not in t.user_attrs:
-            done[(t.user_attrs["generation"], t.user_attrs["member"])] = t.value if t.value is not None else 0.0
+        if t.state.name == "COMPLETE" and "generation" in t.user_attrs:
+            done[(t.user_attrs["generation"], t.user_attrs["member"])] = t.value
     return done
 
 
@@ -143,9 +143,9 @@ def _evaluate(spec: StudySpec, study, done: dict, generation: int, population: l
 
 def _tell(study, trial, outcome) -> float:
     trial.set_user_attr("epochs", outcome.epochs)
-    if outcome.accuracy is None:  # diverged: fitness 0, recorded as a failed trial
+    if outcome.accuracy is None:  # diverged: fitness 0, recorded as such (as the Optuna methods do)
         trial.set_user_attr("error", outcome.error)
-        study.tell(trial, state=_fail())
+        study.tell(trial, 0.0)
         return 0.0
     study.tell(trial, outcome.accuracy)
     return outcome.accuracy

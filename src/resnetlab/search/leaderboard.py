@@ -18,18 +18,19 @@ COLUMNS = ("method", "trial", "state", "val_accuracy", "epochs", "generation")
 def trial_rows(method: str, study, keys: list[str]) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.state.name not in SPENT_STATES or t.user_attrs.get("interrupted"):
+        if t.state.name not in SPENT_STATES:
             continue
+        state = "diverged" if t.user_attrs.get("error") else t.state.name.lower()
         value = t.value if t.state.name == "COMPLETE" else (
             t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        rows.append({"method": method, "trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
+        rows.append({"method": method, "trial": t.number, "state": state, "val_accuracy": value,
                      "epochs": t.user_attrs.get("epochs"), "generation": t.user_attrs.get("generation"),
                      **{k: t.params.get(k) for k in keys}})
     return rows
 
 
 def best_so_far(rows: list[dict]) -> list[float]:
-    """Best val accuracy of completed trials after 1, 2, ... trials spent (pruned/failed count as spent)."""
+    """Best val accuracy of completed trials after 1, 2, ... trials spent (pruned/diverged count as spent)."""
     best, curve = 0.0, []
     for row in sorted(rows, key=lambda r: r["trial"]):
         if row["state"] == "complete" and row["val_accuracy"] is not None:
@@ -47,15 +48,15 @@ def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
 
 def write_markdown(rows_by_method: dict[str, list[dict]], keys: list[str], path: Path, title: str, top: int = 10) -> None:
     lines = [f"# {title}", ""]
-    lines += ["| method | trials spent | completed | pruned | failed | epochs trained | best val accuracy | found at trial |",
+    lines += ["| method | trials spent | completed | pruned | diverged | epochs trained | best val accuracy | found at trial |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, rows in rows_by_method.items():
         curve = best_so_far(rows)
-        count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
+        count = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "diverged")}
         epochs = sum(r["epochs"] or 0 for r in rows)
         best = curve[-1] if curve else 0.0
         at = next((i + 1 for i, v in enumerate(curve) if v == best), 0) if best else "-"
-        lines.append(f"| {method} | {len(rows)} | {count['complete']} | {count['pruned']} | {count['fail']} | {epochs} "
+        lines.append(f"| {method} | {len(rows)} | {count['complete']} | {count['pruned']} | {count['diverged']} | {epochs} "
                      f"| {best:.4f} | {at} |")
     everything = [r for rows in rows_by_method.values() for r in rows if r["state"] == "complete"]
     everything.sort(key=lambda r: -(r["val_accuracy"] or 0))

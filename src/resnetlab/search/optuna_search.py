@@ -15,7 +15,9 @@ from resnetlab.search.space import SearchSpace
 
 METHODS = ("ga", "tpe", "random")
 PRUNERS = ("median", "halving", "none")
-SPENT_STATES = ("COMPLETE", "PRUNED", "FAIL")  # trials that used their budget (RUNNING ones may be stale)
+# Trials that used their budget. A diverged run is COMPLETE with value 0 and an "error" attribute;
+# FAIL means a crash or a user error (bad data...), which a rerun should not count.
+SPENT_STATES = ("COMPLETE", "PRUNED")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def make_pruner(name: str):
 def open_study(spec: StudySpec, seed_offset: int = 0):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user anyway
     study = optuna.create_study(
         storage=open_storage(spec.storage, heartbeat=spec.method != "ga"), study_name=spec.name, direction="maximize", load_if_exists=True,
         sampler=make_sampler(spec.method, spec.seed + seed_offset), pruner=make_pruner(spec.pruner),
