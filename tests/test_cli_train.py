@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from trainkit import write_synthetic_cifar10
 
 from resnetlab.cli import main
@@ -49,10 +50,20 @@ def test_train_quiet_prints_epoch_lines_and_where_the_results_are(capsys, synthe
     (["--set", "schedule.kind"], ["--set expects section.key=value"]),
     (["--recipe", "he2017"], ["unknown recipe 'he2017'"]),
     (["--model", "resnet21"], ["'model.name'", "6n+2"]),
+    (["--precision", "fp16"], ["'runtime.precision'", "CUDA"]),
+    (["--set", "model.num_classes=5"], ["'model.num_classes'", "10 classes"]),
 ])
 def test_config_mistakes_are_one_line_and_create_nothing(capsys, synthetic, tmp_path, extra, fragments):
     code, out, err = run_cli(capsys, "train", *TINY, *extra, "--data-dir", synthetic, "--out", tmp_path / "run")
     assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_on_a_machine_without_it_is_one_line(capsys, synthetic, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "train", *TINY, "--device", "cuda", "--data-dir", synthetic, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "'runtime.device'", "no CUDA device")
     assert not (tmp_path / "run").exists()
 
 

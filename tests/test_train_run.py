@@ -123,6 +123,23 @@ def test_ema_bn_reestimation_and_until_error_warmup_run(synthetic, tmp_path):
     assert step_rows[-1]["lr"] == pytest.approx(0.05)  # back to the base lr after the warm-up
 
 
+def test_without_a_validation_split_there_is_no_best_and_flip_tta_is_accepted(synthetic, tmp_path):
+    result = train(tiny_config(synthetic, tmp_path / "run", **{"data.val_size": 0, "train.epochs": 1}), progress="none")
+    assert result.final_val_error is None and result.best_val_error is None
+    assert not (result.run_dir / "checkpoints" / "best.safetensors").exists()
+    _, metadata = read_checkpoint(result.run_dir / "checkpoints" / "last.safetensors")
+    assert metadata["data"]["val_size"] == 0
+    flip = train(tiny_config(synthetic, tmp_path / "flip", **{"train.eval_tta": "flip", "train.epochs": 1}),
+                 progress="none")
+    assert 0 <= flip.final_val_error <= 1
+
+
+def test_the_package_exports_train_and_the_config():
+    import resnetlab
+
+    assert resnetlab.train is train and resnetlab.RunConfig().optim.lr == 0.1
+
+
 def test_a_run_needs_an_out_directory(synthetic):
     with pytest.raises(ResnetlabError, match="'out'"):
         train(tiny_config(synthetic, None), progress="none")

@@ -9,6 +9,7 @@ from resnetlab.engine.loop import Trainer
 from resnetlab.engine.optim import build_optimizer
 from resnetlab.engine.runtime import resolve_runtime, seed_everything
 from resnetlab.engine.schedules import Schedule, WarmupController
+from resnetlab.errors import ConfigError
 
 
 def resolved_config(config: RunConfig) -> RunConfig:
@@ -27,6 +28,8 @@ def build_trainer(config: RunConfig, data: TrainData) -> Trainer:
     runtime = resolve_runtime(config.runtime)
     seed_everything(config.train.seed)  # the model's initial weights follow from the seed
     num_classes = config.model.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise ConfigError(f"invalid value for 'model.num_classes': {num_classes}, but the data have {data.num_classes} classes")
     model, forward = runtime.prepare(create_model(config.model.name, num_classes=num_classes, **config.model.options))
     optimizer = build_optimizer(model, config.optim)
     schedule = Schedule(config.schedule, config.optim.lr, data.total_steps, data.steps_per_epoch)
