@@ -130,3 +130,20 @@ def test_killed_before_the_first_checkpoint_says_to_start_again(setup, tmp_path,
     code = main(["train", "--resume", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no checkpoint yet" in err, err
+
+
+def test_killed_while_finishing_with_bn_reestimation_then_resumed_is_identical(tmp_path, capsys):
+    """The end of a run re-estimates BN, logs a "final" row and rewrites last.safetensors before
+    summary.json marks it finished; a kill just before that mark must not leave a second final row."""
+    data = write_synthetic_cifar10(tmp_path / "data", n_train=200)
+    config = tiny_config(data, None, **{"train.epochs": 1, "data.val_size": 40, "bn.reestimate": True,
+                                        "bn.reestimate_batches": 2})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    reference = train({**config, "out": str(tmp_path / "reference")}, progress="none").run_dir
+    out = tmp_path / "run"
+    killed = killed_run(recipe, out, "rename:summary.json", 1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resume_cli(out, capsys)
+    assert [r["kind"] for r in _metrics(out)].count("final") == 1
+    assert_same_as_reference(reference, out)

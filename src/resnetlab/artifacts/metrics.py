@@ -37,8 +37,9 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop the rows logged after the checkpoint at `step`, so a resumed run does not repeat
-        them; the CSV is rewritten from the JSON lines."""
-        kept = [r for r in self.rows() if r.get("step", 0) <= step]
+        them; the CSV is rewritten from the JSON lines. A "final" row shares the last checkpoint's
+        step but belongs to the end of the run, which a resumed run redoes: it goes too."""
+        kept = [r for r in self.rows() if r.get("step", 0) <= step and r.get("kind") != "final"]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.csv_path.unlink(missing_ok=True)
         with self.csv_path.open("w", newline="") as handle:
