@@ -88,7 +88,26 @@ def machine_description() -> dict:
     flags = _cpu_flags()
     if flags:
         info["CPU features"] = ", ".join(flags)
+    scheduling = _scheduling()
+    if scheduling:
+        info["scheduling of this benchmark"] = scheduling
     return info
+
+
+def _scheduling() -> str:
+    """Said when this process ran with a raised priority (to measure on a machine shared with other
+    work): its nice value and, on Linux, its autogroup's."""
+    parts = []
+    nice = os.nice(0) if hasattr(os, "nice") else 0
+    if nice:
+        parts.append(f"nice {nice}")
+    try:
+        group = Path("/proc/self/autogroup").read_text().split()
+        if group[-1] != "0":
+            parts.append(f"autogroup nice {group[-1]}")
+    except (OSError, IndexError):
+        pass
+    return ", ".join(parts)
 
 
 def _cpu_model() -> str:

@@ -21,7 +21,7 @@ from resnetlab.bench.train_bench import (SUMMARY_KEYS, BenchConfig, BenchResult,
 from resnetlab.cli import main
 from resnetlab.errors import ConfigError
 
-TINY = dict(batch_size=8, steps=2, warmup_steps=1, windows=1, num_images=32, retry_seconds=0)
+TINY = dict(model="resnet8", batch_size=8, steps=2, warmup_steps=1, windows=1, num_images=32, retry_seconds=0)
 
 
 @pytest.fixture
@@ -83,14 +83,14 @@ def test_tiny_fast_path_run(fake_peak):
 
 
 def test_tiny_baseline_run_without_workers(fake_peak):
-    result = run_baseline(BaselineConfig(batch_size=8, steps=2, warmup_steps=1, windows=1, num_workers=0,
+    result = run_baseline(BaselineConfig(model="resnet8", batch_size=8, steps=2, warmup_steps=1, windows=1, num_workers=0,
                                          num_images=32, retry_seconds=0))
     assert result.images_per_s > 0 and result.precision == "fp32" and not result.channels_last
     assert result.peak_gflops == 50.0
 
 
 def test_cli_json(fake_peak, capsys):
-    assert main(["bench", "train", "--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup-steps", "1",
+    assert main(["bench", "train", "--model", "resnet8", "--batch", "8", "--steps", "2", "--warmup-steps", "1",
                  "--precision", "fp32", "--retry-seconds", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out) == ["resnetlab"] and set(out["resnetlab"]) == set(SUMMARY_KEYS)
