@@ -27,13 +27,13 @@ def test_rerun_after_sigkill_continues_the_study(tmp_path):
     data = write_synthetic_cifar10(tmp_path / "data", n_train=400, n_test=20)
     out = tmp_path / "search"
     command = [sys.executable, "-m", "resnetlab", "search", "--method", "tpe", "--model", "resnet8", "--data-dir",
-               str(data), "--out", str(out), "--budget-epochs", "1", "--trials", "3", "--val-size", "80",
+               str(data), "--out", str(out), "--budget-epochs", "1", "--trials", "2", "--val-size", "80",
                "--pruner", "none", "--set", "model.options.width=0.25", "--set", "train.batch_size=64",
                "--set", "runtime.device=cpu", "--set", "runtime.threads=1"]
     storage = f"sqlite:///{out / 'search.db'}"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while not finished(storage) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be killed: " + proc.stderr.read().decode()
@@ -42,11 +42,11 @@ def test_rerun_after_sigkill_continues_the_study(tmp_path):
         proc.kill()
         proc.wait()
     before = finished(storage)
-    assert 1 <= len(before) < 3 and not (out / "leaderboard.md").exists()
+    assert len(before) == 1 and not (out / "leaderboard.md").exists()
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     after = finished(storage)
     assert after[: len(before)] == before  # the trials of the killed process are kept as they were
-    assert len(after) == 3  # and the study continued to the requested budget, not from zero
+    assert len(after) == 2  # and the study continued to the requested budget, not from zero
     assert (out / "leaderboard.md").is_file() and (out / "best_recipe.yaml").is_file()

@@ -2,6 +2,7 @@
 is the validation accuracy (top-1) after the last epoch. A diverging run scores nothing (None)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,23 @@ def run_trial(base: RunConfig, params: dict[str, float], out: Path,
             on_epoch(epochs, 1.0 - row["val_top1_error"])
 
     try:
-        result = train(config, progress="none", on_epoch_end=epoch_end)
+        with _no_curves():
+            result = train(config, progress="none", on_epoch_end=epoch_end)
     except DivergenceError as error:
         return TrialOutcome(None, epochs, str(error).split(";")[0])
     return TrialOutcome(1.0 - result.final_val_error, result.summary["epochs"])
+
+
+@contextlib.contextmanager
+def _no_curves():
+    """Skip the run's curves.png: drawing it takes seconds on a loaded CPU, as long as a whole short
+    trial, and the search draws its own plots. train() has no switch for it (yet), so the drawing
+    method is replaced for the duration of the trial (trials run one per process at a time)."""
+    from resnetlab.engine.train import Session
+
+    original = Session._plot
+    Session._plot = lambda self, force=False: None
+    try:
+        yield
+    finally:
+        Session._plot = original
