@@ -83,7 +83,7 @@ def test_parallel_jobs_give_the_numbers_of_sequential_runs(capsys, data_dir, tmp
     assert code == 0 and "2 runs, 2 at a time" in stdout, err
     one, two = read_csv(tmp_path / "one" / "runs.csv"), read_csv(tmp_path / "two" / "runs.csv")
     assert [r[:8] for r in one] == [r[:8] for r in two]
-    assert "lossless original" in (tmp_path / "two" / "REPORT.md").read_text()
+    assert "original, lossless CIFAR-10" in (tmp_path / "two" / "REPORT.md").read_text()
 
 
 def test_reproduce_refuses_bad_arguments_with_one_line(capsys, data_dir, tmp_path):
