@@ -70,6 +70,11 @@ def test_a_changed_config_is_refused_and_report_rebuilds_from_run_dirs(capsys, t
     assert [r[:4] for r in rows[1:]] == [["degradation", "plain20", "plain20", "0"], ["degradation", "plain20", "plain20", "1"]]
     assert "runs collected from existing run directories" in (tmp_path / "rebuilt" / "REPORT.md").read_text()
 
+    (out / "runs" / "plain20" / "seed1" / "summary.json").unlink()  # as if seed 1 never finished
+    code, stdout, err = run_cli(capsys, "report", out)
+    assert code == 0 and "1 runs (1 unfinished, listed in the report)" in stdout, err
+    assert "## Failed or unfinished runs" in (out / "REPORT.md").read_text() and len(read_csv(out / "runs.csv")) == 2
+
     assert_one_line_error(*run_cli(capsys, "report", loose), "--out DIR is required")
     assert_one_line_error(*run_cli(capsys, "report", tmp_path / "rebuilt", "--out", tmp_path / "x"), "no finished run")
 

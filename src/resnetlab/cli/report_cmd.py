@@ -21,9 +21,10 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from resnetlab.experiments.runner import collect
 
-    meta, rows, out = collect([Path(d) for d in args.dirs], args.out, args.experiment)
     from resnetlab.experiments.report import write_report
 
-    report = write_report(out, meta, rows)
-    print(f"{len(rows)} runs; report {report}")
+    meta, rows, out, unfinished = collect([Path(d) for d in args.dirs], args.out, args.experiment)
+    report = write_report(out, meta, rows, unfinished)
+    print(f"{len(rows)} runs" + (f" ({len(unfinished)} unfinished, listed in the report)" if unfinished else "")
+          + f"; report {report}")
     return 0

@@ -79,7 +79,8 @@ def render(meta: dict, rows: list[RunRow], stats: list[ConfigStats], failures: d
               "(n - 1); a config with one run has none.", ""]
     lines += reference_sources(name)
     if failures:
-        lines += ["## Failed runs", ""] + [f"- `{run}`: {reason}" for run, reason in failures.items()] + [""]
+        lines += ["## Failed or unfinished runs (not in the table)", ""]
+        lines += [f"- `{run}`: {reason}" for run, reason in failures.items()] + [""]
     if plots:
         lines += ["## Plots", ""]
         for path, caption in plots:

@@ -224,16 +224,21 @@ def _schedule_text(config: RunConfig) -> str:
             f"budget {budget} (whichever ends first)")
 
 
-def collect(dirs: list[Path], out: str | Path | None, experiment: str | None = None) -> tuple[dict, list[RunRow], Path]:
-    """What `resnetlab report` reports: (meta, rows, output folder) from experiment directories
-    (their experiment.json decides the runs and names) and/or run directories (found recursively)."""
-    metas, rows = [], []
+def collect(dirs: list[Path], out: str | Path | None, experiment: str | None = None
+            ) -> tuple[dict, list[RunRow], Path, dict[str, str]]:
+    """What `resnetlab report` reports: (meta, rows, output folder, unfinished runs) from experiment
+    directories (their experiment.json decides the runs and names) and/or run directories (found
+    recursively)."""
+    metas, rows, unfinished = [], [], {}
     for folder in dirs:
         if (folder / EXPERIMENT_FILE).is_file():
             meta = json.loads((folder / EXPERIMENT_FILE).read_text())
             metas.append((folder, meta))
-            rows += [read_run(folder / r["run_dir"], meta["experiment"], r["config"], r.get("group", ""))
-                     for r in meta["runs"] if RunDir(folder / r["run_dir"]).finished]
+            for r in meta["runs"]:
+                if RunDir(folder / r["run_dir"]).finished:
+                    rows.append(read_run(folder / r["run_dir"], meta["experiment"], r["config"], r.get("group", "")))
+                else:
+                    unfinished[str(folder / r["run_dir"])] = "not finished (no summary.json); rerun reproduce to continue"
             continue
         found = [folder] if RunDir(folder).finished else sorted(p.parent for p in folder.rglob("summary.json"))
         if not found:
@@ -241,7 +246,7 @@ def collect(dirs: list[Path], out: str | Path | None, experiment: str | None = N
         rows += [_loose_row(run, experiment) for run in found]
     if len(metas) == 1 and len(dirs) == 1:
         folder, meta = metas[0]
-        return meta, rows, Path(out) if out else folder
+        return meta, rows, Path(out) if out else folder, unfinished
     if out is None:
         raise ResnetlabError("--out DIR is required unless a single experiment directory is given")
     recipes = sorted({json.loads(RunDir(Path(r.run_dir)).config.read_text()).get("recipe") or "custom" for r in rows})
@@ -249,7 +254,7 @@ def collect(dirs: list[Path], out: str | Path | None, experiment: str | None = N
     if experiment:
         exp = get_experiment(experiment)
         meta.update(title=exp.title, source=exp.source, note=exp.note)
-    return meta, rows, Path(out)
+    return meta, rows, Path(out), unfinished
 
 
 def _loose_row(run_dir: Path, experiment: str | None) -> RunRow:
