@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in training_cases(args.quick):
         print(f"{case.label} ...", file=sys.stderr)
         if case.baseline:
-            headline = compare(case.cfg, baseline=True)
+            headline = compare(case.cfg, baseline=True, peaks=peaks)
             results.append((case, headline.resnetlab))
             results.append((Case("the standard recipe (baseline, same run)", case.cfg,
                                  flags=["(printed by the --baseline run above)"]), headline.baseline))

@@ -15,7 +15,7 @@ from resnetlab.bench.baseline import (BaselineConfig, Normalize, RandomCrop, Ran
 from resnetlab.bench.contention import ForeignLoad
 from resnetlab.bench.memory import PeakRSS
 from resnetlab.bench.peak import measure_peak_gflops
-from resnetlab.bench.report import Comparison
+from resnetlab.bench.report import Comparison, compare
 from resnetlab.bench.train_bench import (SUMMARY_KEYS, BenchConfig, BenchResult, Window, best_window, mfu,
                                          run_train_bench, train_flops_per_image)
 from resnetlab.cli import main
@@ -87,6 +87,15 @@ def test_tiny_baseline_run_without_workers(fake_peak):
                                          num_images=32, retry_seconds=0))
     assert result.images_per_s > 0 and result.precision == "fp32" and not result.channels_last
     assert result.peak_gflops == 50.0
+
+
+def test_compare_measures_both_and_reuses_given_peaks(fake_peak):
+    report = compare(BenchConfig(precision="fp32", **TINY), baseline=True, baseline_workers=0, peaks={"fp32": 80.0})
+    out = report.as_json()
+    assert list(out) == ["resnetlab", "baseline", "speedup"]
+    assert out["resnetlab"]["peak_gflops"] == out["baseline"]["peak_gflops"] == 80.0
+    assert out["speedup"] == pytest.approx(report.resnetlab.images_per_s / report.baseline.images_per_s, rel=1e-3)
+    assert "speed-up" in report.text()
 
 
 def test_cli_json(fake_peak, capsys):

@@ -46,15 +46,20 @@ def _block(title: str, r: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: BenchConfig, baseline: bool = False, baseline_workers: int = 2) -> Comparison:
-    """Measure `cfg`, then (optionally) the standard recipe with the same model, batch and steps."""
+def compare(cfg: BenchConfig, baseline: bool = False, baseline_workers: int = 2,
+            peaks: dict[str, float] | None = None) -> Comparison:
+    """Measure `cfg`, then (optionally) the standard recipe with the same model, batch and steps.
+    `peaks` ({"fp32": GFLOP/s, "bf16": ...}) reuses matmul peaks already measured in this process."""
     from resnetlab.bench.baseline import BaselineConfig, run_baseline
+    from resnetlab.engine.runtime import resolve_device, resolve_precision
 
-    ours = run_train_bench(cfg)
+    peaks = peaks or {}
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    ours = run_train_bench(cfg, peak_gflops=peaks.get(precision))
     if not baseline:
         return Comparison(ours)
     base_cfg = BaselineConfig(model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,
                               warmup_steps=max(cfg.warmup_steps, 3), num_workers=baseline_workers,
                               windows=cfg.windows, retry_seconds=cfg.retry_seconds, device=cfg.device, seed=cfg.seed,
                               image_size=cfg.image_size, num_images=cfg.num_images)
-    return Comparison(ours, run_baseline(base_cfg))
+    return Comparison(ours, run_baseline(base_cfg, peak_gflops=peaks.get("fp32")))
