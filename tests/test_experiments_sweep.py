@@ -30,10 +30,13 @@ def test_rerun_skips_finished_runs_and_resumes_interrupted_ones_identically(caps
 
     with pytest.raises(KeyboardInterrupt):
         train(runs[1].run_config, progress="none", on_step=crash)
+    # seed 0 started but died before its first checkpoint: restarted from scratch
+    runs[0].run_dir.mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "runs" / "resnet20" / "seed0" / "config.json", runs[0].run_dir)
     code, stdout, err = reproduce(capsys, "table6", data_dir, out, "--models", "resnet20", *two_epochs)
     assert code == 0, err
     assert "(1 trained, 1 resumed, 0 skipped)" in stdout
-    assert read_csv(out / "runs.csv")[1:][1][5:8] == read_csv(tmp_path / "whole" / "runs.csv")[1:][1][5:8]
+    assert [r[5:8] for r in read_csv(out / "runs.csv")] == [r[5:8] for r in read_csv(tmp_path / "whole" / "runs.csv")]
     summary_before = (out / "runs" / "resnet20" / "seed0" / "summary.json").stat().st_mtime_ns
     code, stdout, err = reproduce(capsys, "table6", data_dir, out, "--models", "resnet20", *two_epochs)
     assert code == 0 and "(0 trained, 0 resumed, 2 skipped)" in stdout and "finished earlier, skipped" in stdout
@@ -98,3 +101,9 @@ def test_reproduce_refuses_bad_arguments_with_one_line(capsys, data_dir, tmp_pat
                           "--epochs-scale must be > 0")
     assert_one_line_error(*reproduce(capsys, "table6", data_dir, tmp_path / "c", "--set", "optim.lrr=1"),
                           "unknown config key 'optim.lrr'")
+    foreign = tmp_path / "d" / "runs" / "resnet20" / "seed0"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    assert_one_line_error(*reproduce(capsys, "table6", data_dir, tmp_path / "d", "--models", "resnet20"),
+                          "not a resnetlab run (notes.txt)")
+    assert (foreign / "notes.txt").read_text() == "mine"

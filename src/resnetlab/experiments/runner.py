@@ -29,6 +29,8 @@ DEFAULT_RECIPE = "he2016-cifar"  # the paper's recipe; --epochs-scale shortens i
 EXPERIMENT_FILE = "experiment.json"
 # Compared between a planned run and an existing run directory; runtime and out may differ.
 _COMPARED_SECTIONS = ("model", "data", "optim", "schedule", "bn", "train")
+# What a run started but never checkpointed may hold; such a directory is cleared and started again.
+_ENGINE_FILES = {"config.json", "env.json", "patch.diff", "metrics.jsonl", "metrics.csv", "curves.png", "checkpoints"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,11 @@ def _prepare(run: PlannedRun) -> str:
         return "finished"
     if existing.resumable:
         return "resumable"
+    if existing.root.is_dir():
+        foreign = sorted(p.name for p in existing.root.iterdir() if p.name not in _ENGINE_FILES)
+        if foreign:
+            raise ResnetlabError(f"{existing.root} holds files that are not a resnetlab run ({', '.join(foreign[:3])}); "
+                                 "move them or use another --out (nothing was changed)")
     return "new"
 
 
