@@ -4,6 +4,7 @@ best configuration as a recipe file."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from resnetlab.errors import ResnetlabError
@@ -84,5 +85,9 @@ def space_from_args(args):
     from resnetlab.search.space import check_space, load_space, seed004_space
 
     space = load_space(args.space) if args.space else seed004_space(args.allow_unsafe_momentum)
-    check_space(space, args.allow_unsafe_momentum)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_space(space, args.allow_unsafe_momentum)
+    for warning in caught:
+        print(f"resnetlab: warning: {warning.message}", file=sys.stderr)
     return space

@@ -69,12 +69,14 @@ def run_search(request: SearchRequest, log=print) -> SearchReport:
             studies[method] = run_genetic(spec, ga_settings_for(request.ga, trials), max_trials=trials, workers=request.workers, log=log)
         else:
             studies[method] = run_optuna(spec, trials, request.workers)
-    return write_report(request, studies, log)
+    return write_report(request, studies, log, trials)
 
 
-def write_report(request: SearchRequest, studies: dict, log=print) -> SearchReport:
+def write_report(request: SearchRequest, studies: dict, log=print, trials: int | None = None) -> SearchReport:
+    """Reports over the first `trials` spent trials of each study: parallel workers may finish up to
+    K-1 more than asked, which the comparison at equal budget leaves out."""
     out, keys = Path(request.out), request.space.keys
-    rows = {m: trial_rows(m, s, keys) for m, s in studies.items()}
+    rows = {m: sorted(trial_rows(m, s, keys), key=lambda r: r["trial"])[:trials] for m, s in studies.items()}
     files = [out / "leaderboard.md", out / "leaderboard.csv"]
     title = f"Search: {request.base.model.name}, {request.base.train.epochs} epoch(s) per trial"
     write_markdown(rows, keys, files[0], title)
