@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from resnetlab.bench import breakdown
 from resnetlab.bench.peak import measure_peak_gflops
 from resnetlab.bench.report import compare
 from resnetlab.bench.train_bench import BenchConfig, BenchResult, run_train_bench
@@ -195,14 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             precision = resolve_precision(case.cfg.precision, device)
             results.append((case, run_train_bench(case.cfg, peak_gflops=peaks.get(precision))))
         print(f"  {results[-1][1].images_per_s:,.0f} images/s", file=sys.stderr)
+    where = ""
+    if device.type == "cpu":  # CPU operator times; on a GPU they would only show the launches
+        print("profiling the default ResNet-20 step ...", file=sys.stderr)
+        where = (breakdown.to_markdown(breakdown.step_breakdown(BenchConfig())) + "\n\n"
+                 + breakdown.conv_rates_markdown(breakdown.conv_rates(precision=resolve_precision("auto", device))))
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
-    text = render(machine, peaks, data, results, headline, load_before, load_after, time.perf_counter() - started)
+    text = render(machine, peaks, data, results, headline, load_before, load_after, time.perf_counter() - started,
+                  where)
     args.out.write_text(text)
     print(text)
     return 0
 
 
-def render(machine, peaks, data, results, headline, load_before, load_after, seconds) -> str:
+def render(machine, peaks, data, results, headline, load_before, load_after, seconds, where="") -> str:
     out = ["# resnetlab benchmarks", "",
            "Written by `make bench` (`python benchmarks/run_all.py`). Throughput is the fastest of 3 timed "
            "windows after the warm-up steps; a window during which other processes kept more than 0.15 "
@@ -224,6 +231,11 @@ def render(machine, peaks, data, results, headline, load_before, load_after, sec
                 f"the standard recipe measured in the same run: **{headline.speedup:.2f}x**."]
     out += ["", "## Training throughput", "", training_table(results), "", "Commands:", "", "```",
             commands(results), "```"]
+    if where:
+        out += ["", "## Where the time goes (ResNet-20, default configuration)", "",
+                "`python -m resnetlab.bench.breakdown`: torch.profiler over 10 steps (self CPU time of the "
+                "operators, grouped; profiling adds overhead, read the shares), then each distinct convolution "
+                "of the CIFAR ResNets timed alone in the default precision and memory format.", "", where]
     if data:
         out += ["", "## Data loading and augmentation", "", "`python benchmarks/bench_data.py`", "", data]
     return "\n".join(out) + "\n"

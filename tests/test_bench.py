@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from resnetlab.bench import baseline as baseline_mod
+from resnetlab.bench import breakdown
 from resnetlab.bench import train_bench
 from resnetlab.bench.baseline import (BaselineConfig, Normalize, RandomCrop, RandomHorizontalFlip, run_baseline,
                                       standard_train_transform, to_tensor)
@@ -142,3 +143,13 @@ def test_foreign_load_is_a_nonnegative_core_count():
     with ForeignLoad() as load:
         sum(range(10_000))
     assert load.cores >= 0.0
+
+
+def test_step_breakdown_and_conv_rates_are_positive():
+    rows = breakdown.step_breakdown(BenchConfig(model="resnet8", batch_size=8, num_images=32), steps=2, warmup=1)
+    groups = dict(rows)
+    assert groups["convolution forward"] > 0 and groups["convolution backward"] > 0
+    assert "| convolution backward |" in breakdown.to_markdown(rows)
+    rates = breakdown.conv_rates(batch=2, repeats=1, calls=1)
+    assert len(rates) == len(breakdown.CIFAR_CONVS)
+    assert all(r["forward GFLOP/s"] > 0 and r["backward GFLOP/s"] > 0 for r in rates)
