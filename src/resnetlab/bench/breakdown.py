@@ -95,7 +95,7 @@ def conv_rates(batch: int = 128, precision: str = "bf16", channels_last: bool = 
         def backward():
             torch.autograd.grad(out, wanted, grad, retain_graph=True)
 
-        row = {"conv": f"{name}: {cin}->{cout}, {side}x{side}"}
+        row = {"conv": f"{name}: {cin}->{cout}, {side}x{side}", "batch": batch}
         for label, fn, flops in (("forward", forward, 2 * macs), ("backward", backward, 2 * macs * len(wanted))):
             for _ in range(3):
                 fn()
@@ -112,7 +112,8 @@ def conv_rates(batch: int = 128, precision: str = "bf16", channels_last: bool = 
 
 
 def conv_rates_markdown(rows: list[dict]) -> str:
-    lines = ["| convolution (batch 128) | forward ms | forward GFLOP/s | backward ms | backward GFLOP/s |",
+    batch = rows[0]["batch"] if rows else "?"
+    lines = [f"| convolution (batch {batch}) | forward ms | forward GFLOP/s | backward ms | backward GFLOP/s |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['conv']} | {r['forward ms']:.2f} | {r['forward GFLOP/s']:.0f} | {r['backward ms']:.2f} | "
               f"{r['backward GFLOP/s']:.0f} |" for r in rows]
