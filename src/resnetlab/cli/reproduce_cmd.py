@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
                     "OUT/REPORT.md, OUT/runs.csv and plots. Rerun the same command to continue an interrupted sweep.",
     )  # fmt: skip
     parser.add_argument("experiment", choices=list(EXPERIMENTS), metavar="EXPERIMENT",
-                        help="one of: " + ", ".join(f"{e.name} ({e.title})" for e in EXPERIMENTS.values()))
+                        help="; ".join(f"{e.name}: {e.title}" for e in EXPERIMENTS.values()))
     parser.add_argument("--data-dir", help="CIFAR-10 data (python/binary batches or image folders)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the experiment directory")
     parser.add_argument("--seeds", type=int, default=2, help="runs per config, seeds 0..N-1 (default 2)")
