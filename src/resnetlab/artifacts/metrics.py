@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from resnetlab.errors import ResnetlabError
+
 COLUMNS = (
     "kind", "epoch", "step", "train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error",
     "lr", "epoch_seconds", "images_per_s", "wall_seconds",
@@ -49,9 +51,20 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line cut short (power lost while it was appended) is
+    left out -- resume then rewrites the file without it; a damaged line elsewhere is an error."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ResnetlabError(f"{path} line {number} is not valid JSON; repair or delete that line") from None
+    return rows
 
 
 def _clean(value):
