@@ -57,11 +57,6 @@ def copy_run(run, tmp_path):
     return shutil.copytree(run, tmp_path / "run")
 
 
-def pickles(marker):
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        yield f"pickle-protocol-{protocol}", pickle.dumps({"fc.weight": Exploit(marker)}, protocol=protocol)
-
-
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_pickles_of_every_protocol_are_refused_and_never_run(capsys, tmp_path, data, unfinished_run, protocol):
     marker = tmp_path / "executed"

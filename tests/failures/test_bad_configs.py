@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from evalkit import assert_one_line_error, run_cli
@@ -52,7 +53,8 @@ def test_bad_flags_and_overrides_are_one_line_and_create_nothing(capsys, tmp_pat
 def test_a_yaml_tag_in_an_override_or_recipe_never_runs(capsys, tmp_path):
     marker = tmp_path / "executed"
     tag = f"!!python/object/apply:os.system ['touch {marker}']"
-    code, out, err = run_cli(capsys, "train", "--set", f"optim.lr={tag}", "--data-dir", tmp_path, "--out", tmp_path / "r")
+    code, out, err = run_cli(capsys, "train", "--set", f"optim.lr={tag}", "--data-dir", tmp_path,
+                             "--out", tmp_path / "r")
     assert_one_line_error(code, out, err, "'optim.lr'")
     recipe = tmp_path / "evil.yaml"
     recipe.write_text(f"optim:\n  lr: {tag}\n")
@@ -93,7 +95,8 @@ def test_bad_recipe_files_are_one_line_and_create_nothing(capsys, tmp_path, name
 
 def test_missing_or_folder_recipe_file_is_one_line(capsys, tmp_path):
     for path, fragment in ((tmp_path / "nope.yaml", "No such file"), (tmp_path, "Is a directory")):
-        code, out, err = run_cli(capsys, "train", "--recipe-file", path, "--data-dir", tmp_path, "--out", tmp_path / "r")
+        code, out, err = run_cli(capsys, "train", "--recipe-file", path, "--data-dir", tmp_path,
+                                 "--out", tmp_path / "r")
         assert_one_line_error(code, out, err, "cannot read recipe file", fragment)
 
 
@@ -114,8 +117,6 @@ def unfinished_run(tmp_path_factory):
     (lambda c: [1, 2], ["mapping"]),
 ])
 def test_a_hand_edited_config_json_is_one_line_on_resume(capsys, tmp_path, unfinished_run, edit, fragments):
-    import shutil
-
     run = shutil.copytree(unfinished_run, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     changed = edit(config)

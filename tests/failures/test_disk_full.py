@@ -26,7 +26,7 @@ def synthetic(tmp_path_factory):
     return write_synthetic_cifar10(tmp_path_factory.mktemp("synthetic"))
 
 
-def fail_fsync_of(monkeypatch, name: str, nth: int) -> list:
+def fail_fsync_of(patch, name: str, nth: int) -> list:
     """ENOSPC from the `nth` fsync of a temp file for checkpoints/`name`; returns the hits."""
     real_fsync, seen = os.fsync, []
 
@@ -38,7 +38,7 @@ def fail_fsync_of(monkeypatch, name: str, nth: int) -> list:
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    patch.setattr(os, "fsync", fsync)
     return seen
 
 
@@ -54,20 +54,21 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(synthetic, tmp_pat
     out = tmp_path / "run"
     config = tiny_config(synthetic, out, **EXTRA)
     snapshots = []
-    hits = fail_fsync_of(monkeypatch, name, nth)
-    real_on_step = lambda step: snapshots.append(snapshot(out / "checkpoints")) if step == 6 else None  # noqa: E731
-    with pytest.raises(ResnetlabError) as error:
-        train(config, progress="none", on_step=real_on_step)
-    monkeypatch.undo()
+
+    def before_step_6_save(step):
+        if step == 6:
+            snapshots.append(snapshot(out / "checkpoints"))
+
+    with monkeypatch.context() as patch, pytest.raises(ResnetlabError) as error:
+        hits = fail_fsync_of(patch, name, nth)
+        train(config, progress="none", on_step=before_step_6_save)
     message = str(error.value)
     assert len(hits) == nth
     assert "\n" not in message and "No space left on device" in message and "--resume" in message, message
     assert f"step {kept_step}" in message, message
     files = snapshot(out / "checkpoints")
     assert not [n for n in files if n.endswith(".tmp")], "temp file left behind"
-    before = snapshots[0]  # the checkpoint folder just before the failing save (after step 6)
-    failed = name
-    assert files[failed] == before[failed]  # the file being written when the disk filled is untouched
+    assert files[name] == snapshots[0][name]  # the file being written when the disk filled is untouched
     tensors, metadata = read_checkpoint(out / "checkpoints" / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert read_tensors(out / "checkpoints" / "state.safetensors")[1]["state"]["step"] == kept_step

@@ -26,8 +26,8 @@ def synthetic(tmp_path_factory):
     return write_synthetic_cifar10(tmp_path_factory.mktemp("synthetic"))
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
+def poison(patch) -> None:
+    """One NaN pixel in the batch of step POISONED_STEP."""
     real_step = loop.Trainer.train_step
 
     def train_step(self, x, y, batch_in_epoch):
@@ -36,8 +36,7 @@ def poisoned(monkeypatch):
             x[0, 0, 0, 0] = math.nan
         return real_step(self, x, y, batch_in_epoch)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
-    return monkeypatch
+    patch.setattr(loop.Trainer, "train_step", train_step)
 
 
 @pytest.mark.parametrize("every, log_every, kept_step", [
@@ -46,9 +45,10 @@ def poisoned(monkeypatch):
     (None, 100, 5),  # only epoch checkpoints: caught at the end of epoch 2; epoch 1 is kept
 ])
 def test_nan_midway_stops_with_one_line_and_keeps_the_last_good_checkpoint(
-        synthetic, tmp_path, capsys, poisoned, every, log_every, kept_step):
+        synthetic, tmp_path, capsys, monkeypatch, every, log_every, kept_step):
     out = tmp_path / "run"
     config = tiny_config(synthetic, out, **{"train.checkpoint_every_steps": every, "train.log_every_steps": log_every})
+    poison(monkeypatch)
     with pytest.raises(DivergenceError) as error:
         train(config, progress="none")
     message = str(error.value)
@@ -67,11 +67,11 @@ def test_nan_midway_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert math.isfinite(json.loads(captured.out)["loss"])
 
 
-def test_resume_after_the_nan_source_is_gone_equals_a_clean_run(synthetic, tmp_path, poisoned):
+def test_resume_after_the_nan_source_is_gone_equals_a_clean_run(synthetic, tmp_path, monkeypatch):
     extra = {"train.checkpoint_every_steps": 3}
-    with pytest.raises(DivergenceError):
+    with monkeypatch.context() as patch, pytest.raises(DivergenceError):
+        poison(patch)
         train(tiny_config(synthetic, tmp_path / "run", **extra), progress="none")
-    poisoned.undo()
     resumed = resume(tmp_path / "run", progress="none")
     clean = train(tiny_config(synthetic, tmp_path / "clean", **extra), progress="none")
     a, _ = read_tensors(clean.run_dir / "checkpoints" / "state.safetensors")
