@@ -48,7 +48,8 @@ def test_all_methods_spend_the_same_budget_and_report(data_dir, tmp_path):
     assert "out" not in recipe
     assert build_config(recipe_file=tmp_path / "best_recipe.yaml") == report.best_config
     assert report.best_config.optim.lr == pytest.approx(report.best["optim.lr"])
-    assert build_config(recipe_file=tmp_path / "best_recipe.yaml", out=str(tmp_path / "run")).out == str(tmp_path / "run")
+    run_dir = str(tmp_path / "run")
+    assert build_config(recipe_file=tmp_path / "best_recipe.yaml", out=run_dir).out == run_dir
     assert not (tmp_path / "trials" / "resnetlab-ga" / "0000" / "curves.png").exists()  # the search draws its own
 
 
@@ -85,7 +86,8 @@ def test_cli_search_writes_a_recipe_train_accepts(data_dir, tmp_path, capsys):
     from resnetlab.cli import build_parser
     from resnetlab.cli.train_cmd import config_from_args
 
-    args = build_parser().parse_args(["train", "--recipe-file", str(out / "best_recipe.yaml"), "--out", str(tmp_path / "r")])
+    args = build_parser().parse_args(["train", "--recipe-file", str(out / "best_recipe.yaml"),
+                                      "--out", str(tmp_path / "r")])
     config = config_from_args(args)
     recipe = yaml.safe_load((out / "best_recipe.yaml").read_text())
     assert config.optim.lr == recipe["optim"]["lr"] and config.model.name == "resnet8"

@@ -20,7 +20,8 @@ def finished(storage: str) -> list[tuple]:
         study = optuna.load_study(study_name="resnetlab-tpe", storage=storage)
     except KeyError:  # the study does not exist yet
         return []
-    return [(t.number, t.value, tuple(sorted(t.params.items()))) for t in study.get_trials() if t.state.name == "COMPLETE"]
+    return [(t.number, t.value, tuple(sorted(t.params.items())))
+            for t in study.get_trials() if t.state.name == "COMPLETE"]
 
 
 def test_rerun_after_sigkill_continues_the_study(tmp_path):

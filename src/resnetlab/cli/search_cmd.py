@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument("--method", choices=("ga", "tpe", "random", "all"), default="all")
     parser.add_argument("--model", default="resnet20", help="registered model name (default resnet20)")
-    parser.add_argument("--recipe", default="fast-cifar", help="named recipe the trials start from (default fast-cifar)")
+    parser.add_argument("--recipe", default="fast-cifar", help="named recipe the trials start from (default: %(default)s)")
     parser.add_argument("--data-dir", help="CIFAR data (batches or image folders)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
     parser.add_argument("--budget-epochs", type=float, default=2, help="epochs per trial (default 2)")

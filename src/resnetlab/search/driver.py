@@ -66,7 +66,8 @@ def run_search(request: SearchRequest, log=print) -> SearchReport:
                          str(out), request.seed, request.pruner if method != "ga" else "none")
         log(f"{method}: study {spec.name} in {url}, {trials} trials of {request.base.train.epochs} epoch(s)")
         if method == "ga":
-            studies[method] = run_genetic(spec, ga_settings_for(request.ga, trials), max_trials=trials, workers=request.workers, log=log)
+            settings = ga_settings_for(request.ga, trials)
+            studies[method] = run_genetic(spec, settings, max_trials=trials, workers=request.workers, log=log)
         else:
             studies[method] = run_optuna(spec, trials, request.workers)
     return write_report(request, studies, log, trials)

@@ -119,7 +119,8 @@ def _fail_interrupted(study) -> None:
             study.tell(t.number, state=_fail())
 
 
-def _evaluate(spec: StudySpec, study, done: dict, generation: int, population: list[Genome], workers: int) -> list[float]:
+def _evaluate(spec: StudySpec, study, done: dict, generation: int, population: list[Genome],
+              workers: int) -> list[float]:
     fitness: list[float | None] = [done.get((generation, m)) for m in range(len(population))]
     todo = [m for m, f in enumerate(fitness) if f is None]
     trials = {}

@@ -46,9 +46,11 @@ def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(rows_by_method: dict[str, list[dict]], keys: list[str], path: Path, title: str, top: int = 10) -> None:
+def write_markdown(rows_by_method: dict[str, list[dict]], keys: list[str], path: Path, title: str,
+                   top: int = 10) -> None:
     lines = [f"# {title}", ""]
-    lines += ["| method | trials spent | completed | pruned | diverged | epochs trained | best val accuracy | found at trial |",
+    lines += ["| method | trials spent | completed | pruned | diverged | epochs trained | best val accuracy "
+              "| found at trial |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method, rows in rows_by_method.items():
         curve = best_so_far(rows)
@@ -56,7 +58,8 @@ def write_markdown(rows_by_method: dict[str, list[dict]], keys: list[str], path:
         epochs = sum(r["epochs"] or 0 for r in rows)
         best = curve[-1] if curve else 0.0
         at = next((i + 1 for i, v in enumerate(curve) if v == best), 0) if best else "-"
-        lines.append(f"| {method} | {len(rows)} | {count['complete']} | {count['pruned']} | {count['diverged']} | {epochs} "
+        lines.append(f"| {method} | {len(rows)} | {count['complete']} | {count['pruned']} | {count['diverged']} "
+                     f"| {epochs} "
                      f"| {best:.4f} | {at} |")
     everything = [r for rows in rows_by_method.values() for r in rows if r["state"] == "complete"]
     everything.sort(key=lambda r: -(r["val_accuracy"] or 0))

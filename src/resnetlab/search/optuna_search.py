@@ -82,7 +82,8 @@ def open_study(spec: StudySpec, seed_offset: int = 0):
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user anyway
     study = optuna.create_study(
-        storage=open_storage(spec.storage, heartbeat=spec.method != "ga"), study_name=spec.name, direction="maximize", load_if_exists=True,
+        storage=open_storage(spec.storage, heartbeat=spec.method != "ga"), study_name=spec.name,
+        direction="maximize", load_if_exists=True,
         sampler=make_sampler(spec.method, spec.seed + seed_offset), pruner=make_pruner(spec.pruner),
     )  # fmt: skip
     study.set_user_attr("method", spec.method)

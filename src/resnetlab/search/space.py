@@ -75,7 +75,8 @@ def seed004_space(allow_unsafe_momentum: bool = False) -> SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """A YAML mapping `dotted.key: {low: .., high: .., log: bool}`, e.g. `optim.lr: {low: 1e-4, high: 0.3, log: true}`."""
+    """A YAML mapping `dotted.key: {low: .., high: .., log: bool}`, e.g.
+    `optim.lr: {low: 1e-4, high: 0.3, log: true}`."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as error:
