@@ -236,7 +236,8 @@ class Session:
         self.metrics.append(row)
         self._update_best(row)
         self.save_state()
-        self._plot()
+        if trainer.step < self.data.total_steps:  # the last epoch's curves are drawn once, by _finish
+            self._plot()
         self._print_epoch(row)
         return row
 
