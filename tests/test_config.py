@@ -123,3 +123,17 @@ def test_unknown_recipe_is_one_line():
     with pytest.raises(Exception, match="unknown recipe 'he2017'") as error:
         get_recipe("he2017")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override", ["train.batch_size=true", "optim.lr=false", "train.epochs=true",
+                                      "train.ema_decay=true", "data.val_size=false"])
+def test_boolean_for_a_number_is_a_config_error(override):
+    # pydantic's lax mode would read `true` as 1: a batch of one image instead of an error.
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}'.*boolean"):
+        build_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override", ["data.flip=false", "runtime.channels_last=true", "optim.nesterov=true"])
+def test_boolean_fields_still_take_booleans(override):
+    build_config(overrides=[override])

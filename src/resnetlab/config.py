@@ -12,7 +12,8 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +26,21 @@ _EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info) -> Any:
+        # pydantic's lax mode reads `true` as 1; `--set train.batch_size=true` is a typo, not a size.
+        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """True for int, float and their optional forms (`int | None`): fields where a bool is a mistake."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    numbers = [m for m in members if m is not type(None)]
+    return bool(numbers) and all(m in (int, float) for m in numbers)
 
 
 class ModelSection(_Section):
