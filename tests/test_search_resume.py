@@ -24,11 +24,14 @@ def finished(storage: str) -> list[tuple]:
             for t in study.get_trials() if t.state.name == "COMPLETE"]
 
 
+TRIALS = 3  # the poll below may see a second trial finish before the kill lands; a third keeps it mid-study
+
+
 def test_rerun_after_sigkill_continues_the_study(tmp_path):
     data = write_synthetic_cifar10(tmp_path / "data", n_train=400, n_test=20)
     out = tmp_path / "search"
     command = [sys.executable, "-m", "resnetlab", "search", "--method", "tpe", "--model", "resnet8", "--data-dir",
-               str(data), "--out", str(out), "--budget-epochs", "1", "--trials", "2", "--val-size", "80",
+               str(data), "--out", str(out), "--budget-epochs", "1", "--trials", str(TRIALS), "--val-size", "80",
                "--pruner", "none", "--set", "model.options.width=0.25", "--set", "train.batch_size=64",
                "--set", "runtime.device=cpu", "--set", "runtime.threads=1"]
     storage = f"sqlite:///{out / 'search.db'}"
@@ -43,11 +46,11 @@ def test_rerun_after_sigkill_continues_the_study(tmp_path):
         proc.kill()
         proc.wait()
     before = finished(storage)
-    assert len(before) == 1 and not (out / "leaderboard.md").exists()
+    assert 1 <= len(before) < TRIALS and not (out / "leaderboard.md").exists()
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     after = finished(storage)
     assert after[: len(before)] == before  # the trials of the killed process are kept as they were
-    assert len(after) == 2  # and the study continued to the requested budget, not from zero
+    assert len(after) == TRIALS  # and the study continued to the requested budget, not from zero
     assert (out / "leaderboard.md").is_file() and (out / "best_recipe.yaml").is_file()
