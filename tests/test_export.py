@@ -15,6 +15,7 @@ from evalkit import CLASSES, assert_one_line_error, run_cli, write_checkpoint
 from resnetlab import export as export_mod
 from resnetlab.data import Normalizer, compute_normalizer
 from resnetlab.export import Normalized, read_metadata, with_normalization
+from resnetlab.models import VARIANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = "resnet20-cifar10"
@@ -83,6 +84,38 @@ def test_library_export_and_verify(tmp_path):
     # The check can fail: a different model is not reproduced by this file.
     other = resnetlab.create_model("resnet8", num_classes=3).eval()
     assert export_mod.verify(tmp_path / "m.pt", "torchscript", other, [torch.rand(3, 3, 32, 32)]) > 1e-3
+
+
+def _small(name: str, **options):
+    """A quarter-width model of the registered `name` and a small input of its family."""
+    size = 64 if resnetlab.models.model_info(name)["family"] == "imagenet" else 32
+    return resnetlab.create_model(name, num_classes=5, width=0.25, **options).eval(), size
+
+
+@pytest.mark.parametrize("name", [n for n in resnetlab.list_models() if n != "resnet1202"])  # 1202: minutes to trace
+def test_every_registered_model_survives_a_torchscript_round_trip(name):
+    model, size = _small(name)
+    data = export_mod.torchscript_bytes(model, torch.rand(2, 3, size, size))
+    assert export_mod.verify(data, "torchscript", model, [torch.rand(3, 3, size, size)]) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [{"shortcut": "B"}, {"shortcut": "C"}, *({"block": v} for v in VARIANTS[1:])],
+                         ids=lambda o: "-".join(map(str, o.values())))
+def test_every_block_and_shortcut_option_survives_a_torchscript_round_trip(options):
+    model, size = _small("resnet8", **options)
+    data = export_mod.torchscript_bytes(model, torch.rand(2, 3, size, size))
+    assert export_mod.verify(data, "torchscript", model, [torch.rand(3, 3, size, size)]) <= 1e-5
+
+
+def test_a_run_directory_is_a_source(capsys, tmp_path, checkpoint_file):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.safetensors").write_bytes(checkpoint_file.read_bytes())
+    code, stdout, err = run_cli(capsys, "export", run_dir, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert code == 0, err
+    assert "last.safetensors" in stdout
+    code, stdout, err = run_cli(capsys, "export", tmp_path, "--format", "torchscript", "--out", tmp_path / "n.pt")
+    assert_one_line_error(code, stdout, err, "no checkpoints/last.safetensors")
 
 
 def test_per_pixel_normalisation_fixes_the_input_size(capsys, tmp_path, per_pixel_checkpoint):
@@ -178,6 +211,14 @@ def test_onnx_static_batch_and_opset(capsys, tmp_path, onnxruntime):
     assert proto.opset_import[0].version == 18 or 18 in [o.version for o in proto.opset_import if o.domain == ""]
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [2, 3, 32, 32]
+
+
+def test_onnx_export_of_an_imagenet_model(tmp_path, onnxruntime):
+    """Max-pooling stem and bottleneck projections (option B) through torch.onnx and onnxruntime."""
+    model, size = _small("resnet50")
+    report = export_mod.export_onnx(model, torch.rand(1, 3, size, size), tmp_path / "r50.onnx", dynamic_batch=True)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert report.output_shape == (1, 5)
 
 
 # --- torch.hub -------------------------------------------------------------------------------------
