@@ -60,7 +60,7 @@ def run(args) -> int:
     channels = int((metadata.get("model_options") or {}).get("in_channels") or 3)
     example = torch.rand(args.batch, channels, height, width, generator=torch.Generator().manual_seed(0))
     report = export(model, args.out, args.format, example, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                    check=not args.no_check, atol=args.atol, metadata=file_metadata(metadata, normalized, example))
+                    check=not args.no_check, atol=args.atol, metadata=file_metadata(metadata, normalized, example, args))
     print(summary(report, path, normalized, args))
     return 0
 
@@ -90,21 +90,26 @@ def input_size(args, metadata: dict, model) -> tuple[int, int]:
     return height, width
 
 
-def file_metadata(metadata: dict, normalized: bool, example) -> dict:
+def file_metadata(metadata: dict, normalized: bool, example, args) -> dict:
     """What a deployment needs to use the file, stored inside it."""
     return {
         "model": metadata.get("model"),
         "classes": metadata.get("classes"),
-        "input": {"name": "images", "shape": ["N", *example.shape[1:]], "dtype": "float32",
+        "input": {"name": "images", "shape": [batch_dim(args, example.shape[0]), *example.shape[1:]], "dtype": "float32",
                   "range": "[0, 1] RGB" if normalized else "normalised as in training"},
         "normalization": metadata.get("normalization") if not normalized else "included",
     }
 
 
+def batch_dim(args, traced: int) -> int | str:
+    """"N" where the file accepts any batch size (a dynamic ONNX batch, any TorchScript trace)."""
+    return "N" if args.dynamic_batch or args.format == "torchscript" else traced
+
+
 def summary(report, source: Path, normalized: bool, args) -> str:
     inputs = "float32 RGB in [0, 1]" if normalized else "normalised float32 (normalisation NOT included)"
     shape = "x".join(map(str, report.input_shape[1:]))
-    batch = "N" if args.dynamic_batch else report.input_shape[0]
+    batch = batch_dim(args, report.input_shape[0])
     check = ("not checked (--no-check)" if report.max_abs_diff is None else
              f"max abs difference vs PyTorch {report.max_abs_diff:.3g} (atol {args.atol:g})")
     return (f"wrote {report.path} ({args.format}, {report.size_bytes / 1e6:.1f} MB) from {source}: "
