@@ -246,11 +246,20 @@ def test_hub_entry_points_cover_the_registry_and_build_untrained_models():
     assert model.fc.out_features == 7
 
 
-def test_hub_errors_are_clear():
+def test_hub_errors_are_clear(checkpoint_file):
     with pytest.raises(resnetlab.ResnetlabError, match="no bundled weights for resnet56"):
         torch.hub.load(str(REPO_ROOT), "resnet56", source="local", pretrained=True)
     with pytest.raises(resnetlab.ResnetlabError, match="do not match the pretrained weights"):
         torch.hub.load(str(REPO_ROOT), "resnet20", source="local", pretrained=True, num_classes=100)
+    with pytest.raises(resnetlab.ResnetlabError, match="are for resnet8, not resnet20"):
+        torch.hub.load(str(REPO_ROOT), "resnet20", source="local", weights=str(checkpoint_file))
+    with pytest.raises(resnetlab.ResnetlabError, match="needs pretrained weights"):
+        torch.hub.load(str(REPO_ROOT), "resnet20", source="local", normalize=True)
+
+
+def test_hub_loads_any_checkpoint_by_weights():
+    model = torch.hub.load(str(REPO_ROOT), "resnet20", source="local", weights=BUNDLED)
+    assert model.resnetlab_metadata["model"] == "resnet20" and not model.training
 
 
 def test_hubconf_imports_resnetlab_from_src_when_it_is_not_installed():
