@@ -166,6 +166,8 @@ def test_a_failed_check_leaves_the_existing_output_untouched(capsys, tmp_path, c
     assert_one_line_error(code, stdout, err, "differs from PyTorch", "was not written")
     assert out.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
+    code, stdout, err = run_cli(capsys, "export", checkpoint_file, "--format", "torchscript", "--out", tmp_path)
+    assert_one_line_error(code, stdout, err, "is a directory")
     code, stdout, err = run_cli(capsys, "export", checkpoint_file, "--format", "torchscript", "--out", out, "--no-check")
     assert code == 0 and "not checked" in stdout
     assert out.read_bytes()[:2] == b"PK"

@@ -89,8 +89,13 @@ def export(model: nn.Module, path: str | Path, fmt: str, example: torch.Tensor, 
         if not diff <= atol:  # also catches NaN
             raise ExportError(f"the exported {fmt} model differs from PyTorch by {diff:.3g} (> atol {atol:g}); "
                               f"{Path(path)} was not written")
-    write_bytes_atomic(path, data)
-    os.chmod(path, 0o644)  # a deployable file, readable by a serving user (the temp file was 0600)
+    if Path(path).is_dir():
+        raise ExportError(f"--out {path} is a directory; give a file name")
+    try:
+        write_bytes_atomic(path, data)
+        os.chmod(path, 0o644)  # a deployable file, readable by a serving user (the temp file was 0600)
+    except OSError as error:
+        raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
     with torch.no_grad():
         output_shape = tuple(model(example).shape)
     return ExportReport(Path(path), fmt, len(data), tuple(example.shape), output_shape, diff)
