@@ -64,6 +64,25 @@ class DataSection(_Section):
     # Seeded random subsets, for tests and quick looks (None: everything).
     limit_train: int | None = Field(default=None, ge=1)
     limit_val: int | None = Field(default=None, ge=1)
+    # "cifar": every image in memory, batched augmentation on the device (crop_padding, cutout).
+    # "imagenet": image folders decoded per image in DataLoader workers with the paper's scale
+    # augmentation (He et al. 2015, section 3.4); the keys below apply to it only.
+    pipeline: Literal["cifar", "imagenet"] = "cifar"
+    image_size: int = Field(default=224, ge=1)  # training crop and validation centre crop
+    scale_range: tuple[int, int] = (256, 480)  # training: shorter side drawn uniformly from [lo, hi]
+    eval_resize: int = Field(default=256, ge=1)  # validation: shorter side, then the centre crop
+    color_pca: float = Field(default=0.1, ge=0, allow_inf_nan=False)  # AlexNet PCA noise std; 0 = off
+    workers: int | None = Field(default=None, ge=0)  # decoding processes; None: min(8, CPU cores)
+
+    @model_validator(mode="after")
+    def _crops_fit(self) -> "DataSection":
+        low, high = self.scale_range
+        if not self.image_size <= low <= high:
+            raise ValueError(f"need image_size <= scale_range[0] <= scale_range[1], "
+                             f"got {self.image_size}, {list(self.scale_range)}")
+        if self.eval_resize < self.image_size:
+            raise ValueError(f"eval_resize ({self.eval_resize}) must be at least image_size ({self.image_size})")
+        return self
 
 
 class OptimSection(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,16 @@ def add_parser(subparsers) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|BUNDLED_NAME")
     parser.add_argument("--data-dir", required=True, type=Path, help="data set root (e.g. holding test/<class>/)")
     parser.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test if the data has one, else val)")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average the logits of each image and its mirror")
+    parser.add_argument(
+        "--tta", choices=("none", "flip", "10crop", "multiscale"), default="none",
+        help="flip: average the logits of each image and its mirror; 10crop / multiscale (imagenet-pipeline "
+             "checkpoints): average the softmax of 4 corner + centre crops and their mirrors / of the whole image "
+             "at each --scales side and its mirror (He et al. 2015, section 3.4)",
+    )  # fmt: skip
+    parser.add_argument("--scales", type=_sides, default=None, metavar="S1,S2,...",
+                        help="multiscale: shorter sides (default 224,256,384,480,640)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="imagenet pipeline: decoding processes (default min(8, cores))")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
@@ -45,12 +55,21 @@ def run(args) -> int:
     model = model.to(memory_format=torch.channels_last)  # as training runs it; about 1.5x faster on CPU
     classes = class_names(metadata)
     normalizer = normalizer_from_metadata(metadata)
+    streamed = (metadata.get("data") or {}).get("pipeline") == "imagenet"
+    if args.tta in ("10crop", "multiscale") and not streamed:
+        raise ResnetlabError(
+            f"--tta {args.tta} crops the un-cropped images of the imagenet pipeline; this checkpoint was trained on "
+            "in-memory images already at the model's input size (use --tta none or flip)"
+        )
     split = choose_split(args.data_dir, args.split)
-    images, labels = load_split(args.data_dir, split, metadata, classes)
-    result = evaluate(
-        model, images, labels, normalizer, batch_size=args.batch_size, device=device,
-        tta=args.tta, precision=args.precision, num_classes=len(classes),
-    )  # fmt: skip
+    if streamed:
+        result = evaluate_streamed(model, metadata, classes, normalizer, args, split, device)
+    else:
+        images, labels = load_split(args.data_dir, split, metadata, classes)
+        result = evaluate(
+            model, images, labels, normalizer, batch_size=args.batch_size, device=device,
+            tta=args.tta, precision=args.precision, num_classes=len(classes),
+        )  # fmt: skip
     confusion_path = args.confusion or default_confusion_path(Path(args.checkpoint), path, split, args.tta)
     if confusion_path is not None:
         from resnetlab.artifacts.confusion import save_confusion_png
@@ -68,6 +87,43 @@ def run(args) -> int:
     if confusion_path is not None:
         print(f"confusion matrix: {confusion_path}")
     return 0
+
+
+def evaluate_streamed(model, metadata: dict, classes: list[str], normalizer, args, split: str, device):
+    """The imagenet pipeline's evaluation: images decoded in worker processes, resized and cropped
+    as the checkpoint's training validated them (its data.eval_resize and data.image_size)."""
+    from resnetlab.data.imagenet import open_image_folder
+    from resnetlab.evaluate_stream import evaluate_stream, stream_batches
+    from resnetlab.inference import input_hw
+
+    data = metadata.get("data") or {}
+    crop = int(data.get("image_size", input_hw(metadata)[0]))
+    resize = int(data.get("eval_resize", round(crop * 256 / 224)))
+    params = split_parameters(metadata)
+    splits = open_image_folder(args.data_dir, crop=crop, need=(split,), **params)
+    subset = getattr(splits, split)
+    if subset is None or len(subset) == 0:
+        raise DataError(f"{args.data_dir} has no {split} split")
+    subset.labels = remap_labels(subset.labels, list(splits.classes), classes, args.data_dir)
+    workers = args.workers if args.workers is not None else min(8, len(os.sched_getaffinity(0)))
+    if workers < 0:
+        raise ResnetlabError(f"--workers must be at least 0, got {workers}")
+    batches = stream_batches(subset, args.tta, resize=resize, crop=crop, batch_size=args.batch_size, workers=workers,
+                             pin=device.type == "cuda", scales=args.scales)
+    return evaluate_stream(model, batches, normalizer, tta=args.tta, device=device, precision=args.precision,
+                           num_classes=len(classes))
+
+
+def _sides(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        sides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sides or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"sides must be positive, got {text!r}")
+    return sides
 
 
 def split_parameters(metadata: dict) -> dict:
@@ -129,7 +185,7 @@ def remap_labels(labels: torch.Tensor, data_classes: list[str], checkpoint_class
 def default_confusion_path(argument: Path, checkpoint_path: Path, split: str, tta: str) -> Path | None:
     """Inside the run directory when one was given (or the checkpoint lies in RUN/checkpoints/);
     no figure for a loose file or a bundled model unless --confusion asks for one."""
-    suffix = f"{split}" + ("-flip" if tta == "flip" else "")
+    suffix = f"{split}" + (f"-{tta}" if tta != "none" else "")
     if argument.is_dir():
         return argument / f"confusion-{suffix}.png"
     if checkpoint_path.parent.name == "checkpoints" and argument.is_file():

@@ -3,13 +3,14 @@ and the step budget that follows from them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
 from resnetlab.config import RunConfig, RuntimeSection
 from resnetlab.data import AugmentSpec, DataSplits, ImageSet, InMemoryLoader, Normalizer, compute_normalizer, load_dataset
-from resnetlab.errors import DataError
+from resnetlab.errors import ConfigError, DataError
 
 
 @dataclass
@@ -19,6 +20,7 @@ class TrainData:
     loader: InMemoryLoader
     steps_per_epoch: int
     total_steps: int
+    pipeline: dict = field(default_factory=dict)  # what checkpoints record of a non-default pipeline
 
     @property
     def num_epochs(self) -> int:
@@ -38,6 +40,8 @@ class TrainData:
 
 
 def load_train_data(config: RunConfig, runtime: RuntimeSection) -> TrainData:
+    if config.data.pipeline == "imagenet":
+        return _load_streamed(config, runtime)
     cfg = config.data
     splits = load_dataset(cfg.dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
                           skip_bad_images=cfg.skip_bad_images, download=cfg.download, need=("train", "val"))
@@ -55,6 +59,62 @@ def load_train_data(config: RunConfig, runtime: RuntimeSection) -> TrainData:
         raise DataError(f"{len(splits.train)} training images make no full batch of {config.train.batch_size} (drop_last)")
     steps_per_epoch = len(loader)
     return TrainData(splits, normalizer, loader, steps_per_epoch, total_steps(config, steps_per_epoch))
+
+
+def _load_streamed(config: RunConfig, runtime: RuntimeSection) -> TrainData:
+    """The ImageNet pipeline: image files listed, not read; decoded per batch in worker processes."""
+    from resnetlab.data.imagenet import (EvalTransform, StreamingLoader, TrainTransform, folder_normalizer,
+                                         open_image_folder)
+
+    cfg = config.data
+    if cfg.dir is None:
+        raise ConfigError("invalid value for 'data.dir': the imagenet pipeline needs an image folder "
+                          "DIR/train/<class>/<image>")
+    splits = open_image_folder(cfg.dir, val_size=cfg.val_size, split_seed=cfg.split_seed, crop=cfg.image_size)
+    splits.train = _subset(splits.train, cfg.limit_train, cfg.split_seed)
+    splits.val = _subset(splits.val, cfg.limit_val, cfg.split_seed)
+    if len(splits.train) == 0:
+        raise DataError(f"no training images in {splits.source}")
+    workers = data_workers(config)
+    center = EvalTransform("center", cfg.eval_resize, cfg.image_size)
+    normalizer = folder_normalizer(splits.train, cfg.normalization, center, seed=cfg.split_seed, workers=workers)
+    loader = StreamingLoader(
+        splits.train, TrainTransform(tuple(cfg.scale_range), cfg.image_size, cfg.flip, cfg.color_pca),
+        batch_size=config.train.batch_size, normalizer=normalizer, shuffle=True, drop_last=config.train.drop_last,
+        seed=config.train.seed, device=runtime.device, workers=workers, channels_last=runtime.channels_last is True,
+    )  # fmt: skip
+    if len(loader) == 0:
+        raise DataError(f"{len(splits.train)} training images make no full batch of {config.train.batch_size} "
+                        "(drop_last)")
+    pipeline = {"pipeline": "imagenet", "image_size": cfg.image_size, "eval_resize": cfg.eval_resize}
+    return TrainData(splits, normalizer, loader, len(loader), total_steps(config, len(loader)), pipeline)
+
+
+def data_workers(config: RunConfig) -> int:
+    """data.workers, or min(8, the CPU cores this process may use)."""
+    if config.data.workers is not None:
+        return config.data.workers
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def evaluate_val(data: TrainData, model: torch.nn.Module, config: RunConfig, device, precision: str):
+    """The validation EvalResult (top-1 and top-5) of `model`, or None without a val split."""
+    val = data.splits.val
+    if val is None:
+        return None
+    common = dict(device=device, tta=config.train.eval_tta, precision=precision, num_classes=data.num_classes,
+                  topk=(1, 5))
+    if data.pipeline.get("pipeline") == "imagenet":
+        from resnetlab.evaluate_stream import evaluate_stream, stream_batches
+
+        cfg = config.data
+        batches = stream_batches(val, config.train.eval_tta, resize=cfg.eval_resize, crop=cfg.image_size,
+                                 batch_size=config.train.eval_batch_size, workers=data_workers(config),
+                                 pin=torch.device(device).type == "cuda")
+        return evaluate_stream(model, batches, data.normalizer, **common)
+    from resnetlab.evaluate import evaluate
+
+    return evaluate(model, val.images, val.labels, data.normalizer, batch_size=config.train.eval_batch_size, **common)
 
 
 def augment_spec(config: RunConfig) -> AugmentSpec | None:

@@ -26,7 +26,7 @@ from resnetlab.artifacts.checkpoint import read_tensors, save_checkpoint, save_t
 from resnetlab.artifacts.env import environment, git_patch
 from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
 from resnetlab.config import RunConfig, validate_config
-from resnetlab.engine.data import TrainData, load_train_data
+from resnetlab.engine.data import TrainData, evaluate_val, load_train_data
 from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
 from resnetlab.engine.runtime import use_threads
 from resnetlab.engine.state import load_training_state, training_state
@@ -243,17 +243,10 @@ class Session:
 
     def _validate(self) -> dict:
         """Validation loss and top-1/top-5 error of the evaluated model (the EMA when it is on)."""
-        val = self.data.splits.val
-        if val is None:
+        runtime = self.trainer.runtime
+        result = evaluate_val(self.data, self.trainer.eval_model, self.config, runtime.device, runtime.precision)
+        if result is None:
             return {}
-        from resnetlab.evaluate import evaluate
-
-        result = evaluate(
-            self.trainer.eval_model, val.images, val.labels, self.data.normalizer,
-            batch_size=self.config.train.eval_batch_size, device=self.trainer.runtime.device,
-            tta=self.config.train.eval_tta, precision=self.trainer.runtime.precision,
-            num_classes=self.data.num_classes, topk=(1, 5),
-        )  # fmt: skip
         self.last_eval = {"val_loss": result.loss, "val_top1_error": result.top1_error,
                           "val_top5_error": result.top5_error, "step": self.trainer.step}
         return {"val_loss": result.loss, "val_top1_error": result.top1_error, "val_top5_error": result.top5_error}
@@ -324,7 +317,7 @@ class Session:
             "classes": list(data.splits.classes), "input_size": list(data.splits.train.image_shape),
             "normalization": data.normalizer.to_dict(), "recipe": cfg.recipe,
             "data": {"source": data.splits.source, "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
-                     "limit_train": cfg.data.limit_train},
+                     "limit_train": cfg.data.limit_train, **data.pipeline},
             "epoch": self.epoch, "step": self.trainer.step,
             "val_top1_error": self.last_eval.get("val_top1_error"), "val_loss": self.last_eval.get("val_loss"),
             "evaluated_at_step": self.last_eval.get("step"), "weights": "ema" if self.trainer.ema else "model",
