@@ -78,6 +78,8 @@ def export(model: nn.Module, path: str | Path, fmt: str, example: torch.Tensor, 
     with `check`, ExportError unless the reloaded file matches the eager model within `atol`."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if Path(path).is_dir():
+        raise ExportError(f"--out {path} is a directory; give a file name")
     model = model.cpu().eval()
     if fmt == "torchscript":
         data = torchscript_bytes(model, example, metadata)
@@ -89,8 +91,6 @@ def export(model: nn.Module, path: str | Path, fmt: str, example: torch.Tensor, 
         if not diff <= atol:  # also catches NaN
             raise ExportError(f"the exported {fmt} model differs from PyTorch by {diff:.3g} (> atol {atol:g}); "
                               f"{Path(path)} was not written")
-    if Path(path).is_dir():
-        raise ExportError(f"--out {path} is a directory; give a file name")
     try:
         write_bytes_atomic(path, data)
         os.chmod(path, 0o644)  # a deployable file, readable by a serving user (the temp file was 0600)
