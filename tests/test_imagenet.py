@@ -199,7 +199,7 @@ def test_multiscale_score_averages_scales_and_mirrors(model):
 def test_ten_crop_evaluation_averages_softmaxes_over_the_val_folder(folder, model):
     val = open_image_folder(folder, crop=32, need=("val",)).val
     normalizer = Normalizer("per_channel", torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25))
-    batches = list(stream_batches(val, "10crop", resize=40, crop=32, batch_size=4))
+    batches = list(stream_batches(val, "10crop", resize=40, crop=32, batch_size=40))  # 40 crops: 4 images
     assert [tuple(v.shape) for v, _ in batches] == [(4, 10, 3, 32, 32), (2, 10, 3, 32, 32)]
     result = evaluate_stream(model, batches, normalizer, tta="10crop", num_classes=3, topk=(1, 2))
     dataset = FolderDataset(val, EvalTransform("10crop", resize=40, crop=32))

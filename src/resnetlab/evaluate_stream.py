@@ -45,11 +45,13 @@ def multiscale_scores(model: torch.nn.Module, views: Sequence[torch.Tensor], nor
 def stream_batches(split: FolderSplit, tta: str, *, resize: int, crop: int, batch_size: int, workers: int = 0,
                    pin: bool = False, scales: Sequence[int] | None = None):
     """(uint8 views, labels) batches of `split` as `tta` needs them: N x 3 x crop x crop (none, flip),
-    N x 10 x 3 x crop x crop (10crop), or a list of N lists of whole images (multiscale)."""
+    N x 10 x 3 x crop x crop (10crop; `batch_size` counts crops, so N = batch_size // 10), or a list
+    of one image's whole views (multiscale: one image per batch, its sizes differ)."""
     mode = {"none": "center", "flip": "center"}.get(tta, tta)
     transform = EvalTransform(mode, resize, crop, **({"scales": tuple(scales)} if scales else {}))
     multiscale = mode == "multiscale"
-    loader = data_loader(FolderDataset(split, transform), batch_size=1 if multiscale else batch_size,
+    images_per_batch = 1 if multiscale else max(1, batch_size // 10) if mode == "10crop" else batch_size
+    loader = data_loader(FolderDataset(split, transform), batch_size=images_per_batch,
                          workers=workers, pin=pin, collate_fn=_collate_lists if multiscale else None)
     return worker_batches(loader)
 

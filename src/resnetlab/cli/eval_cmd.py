@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
                         help="multiscale: shorter sides (default 224,256,384,480,640)")
     parser.add_argument("--workers", type=int, default=None,
                         help="imagenet pipeline: decoding processes (default min(8, cores))")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=512, help="images per batch (10crop: crops per batch)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32",

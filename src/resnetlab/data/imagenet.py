@@ -131,7 +131,7 @@ class EvalTransform:
 
     def __call__(self, path: str, rng=None):
         if self.mode == "multiscale":
-            image = read_rgb(path, min(self.scales))
+            image = read_rgb(path, max(self.scales))  # a draft below the largest side would be upscaled
             return [torch.from_numpy(to_chw(resize_shorter(image, side)).copy()) for side in self.scales]
         pixels = torch.from_numpy(to_chw(resize_shorter(read_rgb(path, self.resize), self.resize)).copy())
         if self.mode == "10crop":
