@@ -92,8 +92,20 @@ def _small(name: str, **options):
     return resnetlab.create_model(name, num_classes=5, width=0.25, **options).eval(), size
 
 
-@pytest.mark.parametrize("name", [n for n in resnetlab.list_models() if n != "resnet1202"])  # 1202: minutes to trace
-def test_every_registered_model_survives_a_torchscript_round_trip(name):
+def _one_per_architecture_kind() -> list[str]:
+    """The shallowest registered name of each (family, block type, plain) kind: deeper names of a
+    kind differ only in the number of blocks per stage (2 cores: tracing resnet1202 takes minutes)."""
+    kinds: dict[tuple, str] = {}
+    for name in resnetlab.list_models():
+        info = resnetlab.models.model_info(name)
+        key = (info["family"], info["block_type"], info["plain"])
+        if key not in kinds or info["depth"] < resnetlab.models.model_info(kinds[key])["depth"]:
+            kinds[key] = name
+    return sorted(kinds.values())
+
+
+@pytest.mark.parametrize("name", _one_per_architecture_kind())
+def test_every_kind_of_registered_model_survives_a_torchscript_round_trip(name):
     model, size = _small(name)
     data = export_mod.torchscript_bytes(model, torch.rand(2, 3, size, size))
     assert export_mod.verify(data, "torchscript", model, [torch.rand(3, 3, size, size)]) <= 1e-5
@@ -217,9 +229,9 @@ def test_onnx_static_batch_and_opset(capsys, tmp_path, onnxruntime):
 
 
 def test_onnx_export_of_an_imagenet_model(tmp_path, onnxruntime):
-    """Max-pooling stem and bottleneck projections (option B) through torch.onnx and onnxruntime."""
-    model, size = _small("resnet50")
-    report = export_mod.export_onnx(model, torch.rand(1, 3, size, size), tmp_path / "r50.onnx", dynamic_batch=True)
+    """Max-pooling stem and option-B projections through torch.onnx and onnxruntime."""
+    model, size = _small("resnet18")
+    report = export_mod.export_onnx(model, torch.rand(1, 3, size, size), tmp_path / "r18.onnx", dynamic_batch=True)
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     assert report.output_shape == (1, 5)
 
