@@ -273,3 +273,32 @@ def test_imagenet_pipeline_needs_a_data_dir(tmp_path):
     with pytest.raises(ConfigError, match="data.dir"):
         train(config, progress="none")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_resumed_inside_an_epoch_matches_the_uninterrupted_run(folder, tmp_path):
+    import os
+    import signal
+
+    from resnetlab.artifacts.checkpoint import read_tensors
+    from resnetlab.engine.train import TrainingInterrupted, resume
+
+    def config(name: str) -> dict:
+        cfg = tiny_imagenet_config(folder, tmp_path / name, workers=0)
+        cfg["model"]["options"] = {"width": 0.25}
+        return cfg
+
+    whole = train(config("whole"), progress="none")
+
+    def stop_at_two(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = config("stopped")
+    stopped["train"]["checkpoint_every_steps"] = 1
+    with pytest.raises(TrainingInterrupted):
+        train(stopped, progress="none", on_step=stop_at_two)
+    resumed = resume(tmp_path / "stopped", progress="none")
+    assert resumed.summary["final"] == whole.summary["final"]
+    a, _ = read_tensors(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    b, _ = read_tensors(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
