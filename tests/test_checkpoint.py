@@ -64,6 +64,20 @@ def test_pickle_is_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_header_length_starting_with_the_pickle_byte_still_loads(tmp_path):
+    # A safetensors file starts with its header length; when that is 128 mod 256 the first byte is
+    # 0x80, the pickle protocol marker. Such a valid checkpoint must load, not be refused.
+    path = tmp_path / "model.safetensors"
+    for filler in range(300):
+        ckpt.save_checkpoint(path, _state(), {"model": "resnet8", "note": "x" * filler})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no metadata size gave a header length of 128 mod 256")
+    state, metadata = ckpt.read_checkpoint(path)
+    assert metadata["note"] == "x" * filler and torch.equal(state["step"], torch.tensor(7))
+
+
 def test_torch_save_file_is_refused(tmp_path):
     path = tmp_path / "model.pth"
     torch.save(_state(), path)

@@ -83,7 +83,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     data = path.read_bytes()
-    if data.startswith(_ZIP_MAGIC) or data.startswith(_PICKLE_MAGIC):
+    if not _looks_like_safetensors(data) and (data.startswith(_ZIP_MAGIC) or data.startswith(_PICKLE_MAGIC)):
         raise CheckpointError(
             f"{path} is a pickle/torch.save file; resnetlab checkpoints are safetensors and pickles are "
             "never loaded here (use resnetlab.load_pretrained for third-party weights)"
@@ -95,6 +95,14 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({reason})") from None
     return tensors, metadata
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then the
+    header's "{". The length's first byte alone can be 0x80 (1 header length in 32), so the pickle
+    magic is only trusted when this layout is absent."""
+    header_length = int.from_bytes(data[:8], "little")
+    return len(data) >= 9 and 8 + header_length <= len(data) and data[8:9] == b"{"
 
 
 def _read_header_metadata(data: bytes) -> dict:
