@@ -128,3 +128,9 @@ def test_mismatched_state_dict_lists_keys():
     message = str(info.value)
     assert "missing: 0.bias" in message and "unexpected: extra" in message and "wrong shape: 0.weight" in message
     assert "\n" not in message
+
+
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    path = tmp_path / "model.safetensors"
+    ckpt.save_checkpoint(path, _state(), {"model": "resnet8"})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~ckpt._UMASK

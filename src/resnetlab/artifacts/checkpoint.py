@@ -27,6 +27,8 @@ BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 # torch.save's zip container (which holds a pickle). Neither is ever opened here.
 _PICKLE_MAGIC = b"\x80"
 _ZIP_MAGIC = b"PK\x03\x04"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it; put it straight back
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -36,6 +38,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared like any written file
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
