@@ -59,6 +59,7 @@ def test_every_experiment_runs_end_to_end(capsys, data_dir, tmp_path, experiment
     report = (out / "REPORT.md").read_text()
     assert f"# {experiment}:" in report and "not comparable to the paper's" in report
     assert "random subsets (data.limit_train" in report and "the references are test-set errors" in report
+    assert f"Command: `resnetlab reproduce {experiment} " in report and "Trained on: " in report
     for config in CASES[experiment]:
         assert f"| {config} |" in report
     if experiment == "responses":

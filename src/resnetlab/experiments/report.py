@@ -111,6 +111,7 @@ def provenance(meta: dict, rows: list[RunRow]) -> list[str]:
         items.append("Extra settings (--set): " + ", ".join(f"`{o}`" for o in meta["overrides"]) + ".")
     if rows:
         items += _data_statements(rows)
+        items += _machine_statements(meta, rows)
     seeds = sorted({r.seed for r in rows})
     items.append(f"Seeds: {', '.join(map(str, seeds)) or 'none'} (initialisation, batch order and augmentation; "
                  "the train/validation split is the same for all runs).")
@@ -135,6 +136,26 @@ def _data_statements(rows: list[RunRow]) -> list[str]:
         items.append("The references were measured on the original, lossless CIFAR-10.")
     items.append("Our errors are on the validation split held out of the training set (never trained on, never "
                  "used for choosing the reported epoch); the references are test-set errors.")
+    return items
+
+
+def _machine_statements(meta: dict, rows: list[RunRow]) -> list[str]:
+    """The command, and where the runs were made (the first run's env.json): the device and the
+    numeric settings, so a reader knows what the wall times in runs.csv measure."""
+    items = [f"Command: `{meta['command']}`."] if meta.get("command") else []
+    try:
+        env = json.loads((Path(rows[0].run_dir) / "env.json").read_text())
+    except (OSError, ValueError):
+        return items
+    runtime = env.get("runtime") or {}
+    device = runtime.get("device_name") or env.get("gpu") or env.get("cpu") or "unknown device"
+    settings = [f"torch {env.get('torch', '?')}", f"{runtime.get('precision', '?')} precision"]
+    if runtime.get("channels_last"):
+        settings.append("channels_last")
+    if runtime.get("compile"):
+        settings.append("torch.compile")
+    items.append(f"Trained on: {device} ({', '.join(settings)}); `wall_s` in runs.csv is each run's own wall "
+                 "time, with the sweep's other runs sharing the machine when --jobs > 1.")
     return items
 
 

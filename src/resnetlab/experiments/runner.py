@@ -47,6 +47,17 @@ class Sweep:
     models: tuple[str, ...] = ()
     jobs: int = 1
 
+    def command(self) -> str:
+        """The `resnetlab reproduce` command line that asks for this sweep (for the report)."""
+        parts = ["resnetlab reproduce", self.experiment]
+        if self.models:
+            parts += ["--models", *self.models]
+        parts += [f"--data-dir {self.data_dir}"] if self.data_dir else []
+        parts += [f"--out {self.out}", f"--seeds {self.seeds}", f"--recipe {self.recipe}",
+                  f"--epochs-scale {self.epochs_scale:g}", f"--jobs {self.jobs}"]
+        parts += [f"--set {item}" for item in self.overrides]
+        return " ".join(parts)
+
 
 @dataclass(frozen=True)
 class PlannedRun:
@@ -214,7 +225,7 @@ def write_experiment_file(sweep: Sweep, experiment: Experiment, runs: list[Plann
         "experiment": experiment.name, "title": experiment.title, "source": experiment.source,
         "note": experiment.note, "recipe": sweep.recipe, "epochs_scale": sweep.epochs_scale, "seeds": sweep.seeds,
         "overrides": list(sweep.overrides), "models": list(sweep.models), "data_dir": sweep.data_dir,
-        "schedule": _schedule_text(first) if first else "",
+        "schedule": _schedule_text(first) if first else "", "command": sweep.command(),
         "runs": [{"config": r.config.name, "model": r.config.model, "group": r.config.group, "seed": r.seed,
                   "overrides": list(r.config.overrides), "note": r.config.note,
                   "run_dir": str(r.run_dir.relative_to(sweep.out))} for r in runs],
