@@ -10,7 +10,7 @@ CONSTRAINTS := constraints.txt
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev,search]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev,search,export]"
 	touch $@
 
 venv: $(VENV)/.installed
