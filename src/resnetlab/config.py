@@ -96,6 +96,11 @@ class OptimSection(_Section):
     eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     alpha: float = Field(default=0.99, ge=0, le=1)  # rmsprop smoothing
     rho: float = Field(default=0.9, ge=0, le=1)  # adadelta
+    # lr as given ("none"), or scaled with the global batch (train.batch_size) relative to
+    # lr_reference_batch: "linear" multiplies by batch/reference (Goyal et al. 2017), "sqrt" by its
+    # square root. The factor applies to every lr of the schedule (warm-up, min_lr, one-cycle max_lr).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    lr_reference_batch: int = Field(default=128, ge=1)
 
     @field_validator("betas")
     @classmethod
@@ -177,7 +182,11 @@ class TrainSection(_Section):
     # The budget: `epochs`, `steps` or both (training stops at whichever comes first).
     epochs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     steps: int | None = Field(default=64000, ge=1)  # paper: stop at 64k iterations
+    # The global batch: images per optimizer step, summed over all processes (torchrun) and the
+    # accumulation micro-steps; each process computes batch_size / (world_size * accum_steps) at once.
     batch_size: int = Field(default=128, ge=1)
+    accum_steps: int = Field(default=1, ge=1)  # gradient accumulation: micro-batches per optimizer step
+    sync_bn: bool = False  # with several processes, BN statistics over the global (micro-)batch
     drop_last: bool = False
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     ema_decay: float | None = Field(default=None, gt=0, lt=1)  # EMA of weights, evaluated instead
@@ -191,6 +200,9 @@ class TrainSection(_Section):
     def _has_budget(self) -> "TrainSection":
         if self.epochs is None and self.steps is None:
             raise ValueError("set train.epochs or train.steps")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of "
+                             f"train.accum_steps {self.accum_steps}")
         return self
 
 

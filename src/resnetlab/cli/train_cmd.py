@@ -40,9 +40,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from resnetlab.engine.distributed import env_info
     from resnetlab.engine.train import TrainingInterrupted, resume, train
 
     progress = "lines" if args.quiet else "bar"
+    main = env_info().is_main  # under torchrun only rank 0 prints (errors excepted)
     try:
         if args.resume:
             _refuse_flags_with_resume(args)
@@ -50,9 +52,11 @@ def run(args) -> int:
         else:
             result = train(config_from_args(args), progress=progress)
     except TrainingInterrupted as stop:
-        print(f"resnetlab: {stop}", file=sys.stderr)
+        if main:
+            print(f"resnetlab: {stop}", file=sys.stderr)
         return 130
-    print(result_line(result))
+    if main:
+        print(result_line(result))
     return 0
 
 

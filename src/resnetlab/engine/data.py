@@ -10,6 +10,7 @@ import torch
 
 from resnetlab.config import RunConfig, RuntimeSection
 from resnetlab.data import AugmentSpec, DataSplits, ImageSet, InMemoryLoader, Normalizer, compute_normalizer, load_dataset
+from resnetlab.engine.distributed import SINGLE, DistInfo
 from resnetlab.errors import ConfigError, DataError
 
 
@@ -39,8 +40,13 @@ class TrainData:
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
 
 
-def load_train_data(config: RunConfig, runtime: RuntimeSection) -> TrainData:
+def load_train_data(config: RunConfig, runtime: RuntimeSection, dist: DistInfo = SINGLE) -> TrainData:
+    """The data of one process: with several (`dist`), the loader yields this rank's share of each
+    global batch (its micro-batches, when accumulating)."""
     if config.data.pipeline == "imagenet":
+        if dist.enabled or config.train.accum_steps > 1:
+            raise ConfigError("the imagenet pipeline trains in one process without gradient accumulation "
+                              "(its loader does not shard by rank yet)")
         return _load_streamed(config, runtime)
     cfg = config.data
     splits = load_dataset(cfg.dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
@@ -51,13 +57,14 @@ def load_train_data(config: RunConfig, runtime: RuntimeSection) -> TrainData:
         raise DataError(f"no training images in {splits.source}")
     normalizer = compute_normalizer(splits.train.images, cfg.normalization)
     loader = InMemoryLoader(
-        splits.train.images, splits.train.labels, batch_size=config.train.batch_size, shuffle=True,
+        splits.train.images, splits.train.labels, batch_size=micro_batch_size(config, dist.world_size), shuffle=True,
         drop_last=config.train.drop_last, seed=config.train.seed, device=runtime.device, normalizer=normalizer,
         augment=augment_spec(config), channels_last=runtime.channels_last is True,
+        rank=dist.rank, world_size=dist.world_size,
     )  # fmt: skip
-    if len(loader) == 0:
+    steps_per_epoch = steps_in_epoch(len(loader), config.train.accum_steps, config.train.drop_last)
+    if steps_per_epoch == 0:
         raise DataError(f"{len(splits.train)} training images make no full batch of {config.train.batch_size} (drop_last)")
-    steps_per_epoch = len(loader)
     return TrainData(splits, normalizer, loader, steps_per_epoch, total_steps(config, steps_per_epoch))
 
 
@@ -115,6 +122,22 @@ def evaluate_val(data: TrainData, model: torch.nn.Module, config: RunConfig, dev
     from resnetlab.evaluate import evaluate
 
     return evaluate(model, val.images, val.labels, data.normalizer, batch_size=config.train.eval_batch_size, **common)
+
+
+def micro_batch_size(config: RunConfig, world_size: int) -> int:
+    """What one process computes at once: the global train.batch_size split over the processes and
+    the accumulation steps."""
+    batch, accum = config.train.batch_size, config.train.accum_steps
+    if batch % (world_size * accum):
+        raise ConfigError(f"invalid value for 'train.batch_size': the global batch {batch} does not split into "
+                          f"{world_size} processes x {accum} accumulation steps "
+                          f"(make it a multiple of {world_size * accum})")
+    return batch // (world_size * accum)
+
+
+def steps_in_epoch(micro_batches: int, accum_steps: int, drop_last: bool) -> int:
+    """Optimizer steps in an epoch of `micro_batches` (as engine.loop.step_batches groups them)."""
+    return micro_batches // accum_steps if drop_last else math.ceil(micro_batches / accum_steps)
 
 
 def augment_spec(config: RunConfig) -> AugmentSpec | None:

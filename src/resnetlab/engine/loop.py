@@ -1,12 +1,14 @@
 """The training loop, written out step by step: lr, momentum and BN momentum come from the pure
 schedules each step; metrics are summed on the device and read back only at log intervals and at
-the end of an epoch, so a GPU never waits for the host between steps."""
+the end of an epoch, so a GPU never waits for the host between steps. With several processes
+(engine.distributed) the forward module is DistributedDataParallel and the meters sum over ranks."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch import nn
 
 from resnetlab.config import RunConfig
 from resnetlab.engine.bn import bn_momentum_at, set_bn_momentum
+from resnetlab.engine.distributed import SINGLE, DistInfo, all_reduce_sum_
 from resnetlab.engine.ema import EMA
 from resnetlab.engine.optim import set_lr, set_momentum
 from resnetlab.engine.runtime import Runtime
@@ -23,22 +26,33 @@ from resnetlab.errors import DivergenceError
 
 class Meter:
     """Sums of loss and top-1 errors on the device (the image count on the host, where it is known
-    without a sync); `read()` is the only host sync."""
+    without a sync); `read()` is the only host sync. With `reduce` (a sum over ranks, in place)
+    `totals()` and `read()` are collectives: every rank calls them at the same step and gets the
+    numbers of the global batch."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss * n, errors
         self.count = 0
+        self.reduce = reduce
 
     def add(self, mean_loss: torch.Tensor, errors: torch.Tensor, n: int) -> None:
         self.sums += torch.stack([mean_loss.detach().double() * n, errors.double()])
         self.count += n
 
+    def totals(self) -> tuple[torch.Tensor, int]:
+        """(sums, images) over all ranks."""
+        if self.reduce is None:
+            return self.sums, self.count
+        packed = self.reduce(torch.cat([self.sums, self.sums.new_tensor([float(self.count)])]))
+        return packed[:2], int(packed[2].item())
+
     def read(self) -> tuple[float, float, int]:
         """(mean loss, top-1 error, images); NaN for an empty meter."""
-        if not self.count:
+        sums, count = self.totals()
+        if not count:
             return math.nan, math.nan, 0
-        loss_sum, errors = self.sums.tolist()
-        return loss_sum / self.count, errors / self.count, self.count
+        loss_sum, errors = sums.tolist()
+        return loss_sum / count, errors / count, count
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -59,22 +73,31 @@ class Trainer:
     scaler: torch.amp.GradScaler
     bn_layers: list
     ema: EMA | None = None
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper inside `forward` (several processes)
+    dist: DistInfo = SINGLE
+    lr_scale: float = 1.0  # optim.lr_scaling's factor on every lr of the schedule
     step: int = 0
     lr: float = 0.0
     epoch_meter: Meter = field(init=False)
     interval_meter: Meter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.epoch_meter = Meter(self.runtime.device)
-        self.interval_meter = Meter(self.runtime.device)
+        reduce = all_reduce_sum_ if self.dist.enabled else None
+        self.epoch_meter = Meter(self.runtime.device, reduce)
+        self.interval_meter = Meter(self.runtime.device, reduce)
 
     @property
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_in_epoch: int) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, batch_in_epoch: int,
+                   more: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """One optimizer step on the batch (x, y), or on (x, y) and the micro-batches `more` (gradient
+        accumulation). Each micro-batch's mean loss is weighted by its share of the step's images, so
+        the summed gradient is the gradient of the step's mean loss, as one big batch gives it --
+        exactly, but for BN, which normalises each micro-batch with its own statistics."""
         step = self.step
-        self.lr = self.schedule.lr_at(step, self.warmup.done_at_step)
+        self.lr = self.schedule.lr_at(step, self.warmup.done_at_step) * self.lr_scale
         set_lr(self.optimizer, self.lr)
         momentum = self.schedule.momentum_at(step)
         if momentum is not None:
@@ -82,22 +105,39 @@ class Trainer:
         if self.cfg.bn.policy == "dynamic" and batch_in_epoch == 0:
             start_dynamic_bn_epoch(self.bn_layers)
 
-        with self.runtime.autocast():
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        batches = [(x, y), *more]
+        images = sum(len(labels) for _, labels in batches)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        errors = [self._micro_step(*batch, len(batch[1]) / images, sync=i == len(batches) - 1)
+                  for i, batch in enumerate(batches)]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update()
+        if self.warmup.needs_error(step):  # one sync per step, only during an until-error warm-up
+            self.warmup.update(step, self._step_error(torch.stack(errors).sum(), images))
+        self.step += 1
 
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, weight: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its top-1 error count. DDP averages the
+        gradients over the ranks only in the backward pass of the step's last micro-batch."""
+        skip_sync = self.ddp is not None and not sync
+        with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
+            with self.runtime.autocast():
+                logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+            self.scaler.scale(loss * weight).backward()
         errors = (logits.detach().argmax(dim=1) != y).sum()
         self.epoch_meter.add(loss, errors, len(y))
         self.interval_meter.add(loss, errors, len(y))
-        if self.warmup.needs_error(step):  # one sync per step, only during an until-error warm-up
-            self.warmup.update(step, errors.item() / len(y))
-        self.step += 1
+        return errors
+
+    def _step_error(self, errors: torch.Tensor, images: int) -> float:
+        """The top-1 error of the step's global batch (every rank decides the warm-up alike)."""
+        if not self.dist.enabled:
+            return errors.item() / images
+        packed = all_reduce_sum_(torch.stack([errors.double(), errors.new_tensor(images, dtype=torch.float64)]))
+        return (packed[0] / packed[1]).item()
 
 
 def start_dynamic_bn_epoch(layers: list) -> None:
@@ -128,18 +168,23 @@ def run_epoch(
     on_step: Callable[[int], bool],
     progress=None,
 ) -> EpochResult:
-    """Train one epoch (from `start_batch` when resuming inside it). `on_log` runs every
-    log_every_steps; `on_step(batch_done)` runs after each step and returns True to stop."""
+    """Train one epoch (from `start_batch` when resuming inside it; batches count optimizer steps).
+    `on_log` runs every log_every_steps; `on_step(batch_done)` runs after each step and returns True
+    to stop. `images` of the result counts this process's images."""
     loader.set_epoch(epoch)
     log_every = trainer.cfg.train.log_every_steps
     images, start = 0, time.perf_counter()
-    for batch_in_epoch, (x, y) in enumerate(loader):
+    for batch_in_epoch, group in enumerate(step_batches(loader, trainer.cfg.train.accum_steps)):
         if batch_in_epoch < start_batch:
             continue  # the loader's batches are a function of (seed, epoch): skip to where we were
         if trainer.step >= total_steps:
             break
-        trainer.train_step(x, y, batch_in_epoch)
-        images += len(y)
+        (x, y), *more = group
+        if more:
+            trainer.train_step(x, y, batch_in_epoch, more)
+        else:
+            trainer.train_step(x, y, batch_in_epoch)
+        images += sum(len(labels) for _, labels in group)
         if progress is not None:
             progress.update(1)
         if trainer.step % log_every == 0:
@@ -147,6 +192,19 @@ def run_epoch(
         if on_step(batch_in_epoch + 1):
             return EpochResult(False, time.perf_counter() - start, images)
     return EpochResult(True, time.perf_counter() - start, images)
+
+
+def step_batches(loader, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The loader's (micro-)batches grouped into optimizer steps of `accum_steps`; the epoch's last
+    group is shorter when the epoch does not fill it, and left out with the loader's drop_last."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    if group and not getattr(loader, "drop_last", False):
+        yield group
 
 
 def check_finite(value: float, what: str, step: int) -> None:

@@ -1,9 +1,15 @@
-"""Assemble a Trainer from a config: runtime, seeded model, optimizer, schedule, EMA."""
+"""Assemble a Trainer from a config: runtime, seeded model, optimizer, schedule, EMA, and with
+several processes SyncBN and the DistributedDataParallel wrapper."""
 from __future__ import annotations
 
-from resnetlab.config import RunConfig
+import math
+
+import torch
+
+from resnetlab.config import OptimSection, RunConfig
 from resnetlab.engine.bn import bn_layers
 from resnetlab.engine.data import TrainData
+from resnetlab.engine.distributed import SINGLE, DistInfo, convert_sync_bn, device_for_rank, wrap_ddp
 from resnetlab.engine.ema import EMA
 from resnetlab.engine.loop import Trainer
 from resnetlab.engine.optim import build_optimizer
@@ -12,17 +18,19 @@ from resnetlab.engine.schedules import Schedule, WarmupController
 from resnetlab.errors import ConfigError
 
 
-def resolved_config(config: RunConfig) -> RunConfig:
+def resolved_config(config: RunConfig, dist: DistInfo = SINGLE) -> RunConfig:
     """The config with the runtime's "auto" values replaced by what this machine gives, so the
-    saved config.json says exactly how the run computed."""
+    saved config.json says exactly how the run computed (with several processes: rank 0's GPU)."""
     runtime = resolve_runtime(config.runtime)
     return config.replace(**{
-        "runtime.device": str(runtime.device), "runtime.precision": runtime.precision,
+        "runtime.device": str(device_for_rank(runtime.device, dist)), "runtime.precision": runtime.precision,
         "runtime.channels_last": runtime.channels_last,
     })
 
 
-def build_trainer(config: RunConfig, data: TrainData) -> Trainer:
+def build_trainer(config: RunConfig, data: TrainData, dist: DistInfo = SINGLE) -> Trainer:
+    """The Trainer; with several processes (`dist`) every rank builds the same seeded model, and
+    DDP broadcasts rank 0's weights anyway."""
     from resnetlab.models import create_model
 
     runtime = resolve_runtime(config.runtime)
@@ -30,12 +38,27 @@ def build_trainer(config: RunConfig, data: TrainData) -> Trainer:
     num_classes = config.model.num_classes or data.num_classes
     if num_classes < data.num_classes:
         raise ConfigError(f"invalid value for 'model.num_classes': {num_classes}, but the data have {data.num_classes} classes")
-    model, forward = runtime.prepare(create_model(config.model.name, num_classes=num_classes, **config.model.options))
+    model = create_model(config.model.name, num_classes=num_classes, **config.model.options)
+    if config.train.sync_bn and dist.enabled:
+        model = convert_sync_bn(model, runtime.device)
+    model, forward = runtime.prepare(model)
+    ddp = None
+    if dist.enabled:
+        ddp = wrap_ddp(model, runtime.device)
+        forward = torch.compile(ddp) if runtime.compile else ddp
     optimizer = build_optimizer(model, config.optim)
     schedule = Schedule(config.schedule, config.optim.lr, data.total_steps, data.steps_per_epoch)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay else None
     return Trainer(
         cfg=config, model=model, forward=forward, optimizer=optimizer, schedule=schedule,
         warmup=WarmupController(schedule), runtime=runtime, scaler=runtime.grad_scaler(),
-        bn_layers=bn_layers(model), ema=ema,
+        bn_layers=bn_layers(model), ema=ema, ddp=ddp, dist=dist,
+        lr_scale=lr_scale(config.optim, config.train.batch_size),
     )  # fmt: skip
+
+
+def lr_scale(optim: OptimSection, global_batch: int) -> float:
+    """optim.lr_scaling's factor for the global batch: 1 ("none"), batch / reference ("linear",
+    Goyal et al. 2017) or its square root ("sqrt")."""
+    ratio = global_batch / optim.lr_reference_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[optim.lr_scaling]

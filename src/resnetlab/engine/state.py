@@ -1,6 +1,8 @@
 """A Trainer's complete state as (named tensors, JSON) -- what resume needs, with no pickle:
 model and EMA weights, optimizer buffers, device-side metric sums and RNG states as tensors;
-hyperparameters, counters and the grad scaler as JSON."""
+hyperparameters, counters and the grad scaler as JSON. With several processes the metric sums saved
+are those of all ranks (a collective: every rank calls `training_state`), and on loading rank 0
+carries them on while the others start from zero."""
 from __future__ import annotations
 
 import torch
@@ -17,13 +19,15 @@ def training_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
     optim_tensors, optim_json = _split_optimizer_state(trainer.optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
-    tensors["meter.epoch"] = trainer.epoch_meter.sums
-    tensors["meter.interval"] = trainer.interval_meter.sums
+    epoch_sums, epoch_count = trainer.epoch_meter.totals()
+    interval_sums, interval_count = trainer.interval_meter.totals()
+    tensors["meter.epoch"] = epoch_sums
+    tensors["meter.interval"] = interval_sums
     state = {
         "step": trainer.step, "lr": trainer.lr, "warmup_done_at_step": trainer.warmup.done_at_step,
         "optimizer": optim_json, "scaler": trainer.scaler.state_dict(),
         "ema_updates": trainer.ema.updates if trainer.ema is not None else None,
-        "meter_counts": {"epoch": trainer.epoch_meter.count, "interval": trainer.interval_meter.count},
+        "meter_counts": {"epoch": epoch_count, "interval": interval_count},
     }
     return tensors, state
 
@@ -41,10 +45,11 @@ def load_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], stat
         trainer.scaler.load_state_dict(state["scaler"])
     set_rng_state(_prefixed(tensors, "rng."))
     device = trainer.runtime.device
-    trainer.epoch_meter.sums.copy_(tensors["meter.epoch"].to(device))
-    trainer.interval_meter.sums.copy_(tensors["meter.interval"].to(device))
-    trainer.epoch_meter.count = state["meter_counts"]["epoch"]
-    trainer.interval_meter.count = state["meter_counts"]["interval"]
+    for name, meter in (("epoch", trainer.epoch_meter), ("interval", trainer.interval_meter)):
+        meter.reset()
+        if trainer.dist.is_main:  # the saved sums are all ranks'; counting them once is enough
+            meter.sums.copy_(tensors[f"meter.{name}"].to(device))
+            meter.count = state["meter_counts"][name]
     trainer.step, trainer.lr = state["step"], state["lr"]
     trainer.warmup.done_at_step = state["warmup_done_at_step"]
 

@@ -4,10 +4,15 @@ with checkpoints every epoch, exact resume, clean stops on SIGINT/SIGTERM and di
     from resnetlab.config import build_config
     result = train(build_config("fast-cifar", **{"data.dir": "data/cifar10", "out": "runs/r20"}))
     result = resume("runs/r20")   # continue an interrupted run
+
+Started by torchrun with several processes (engine.distributed), every rank runs the same Session
+in lockstep: the data are sharded by rank, metrics are summed over the ranks, and only rank 0
+writes the run directory and prints.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import json
@@ -27,6 +32,8 @@ from resnetlab.artifacts.env import environment, git_patch
 from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
 from resnetlab.config import RunConfig, validate_config
 from resnetlab.engine.data import TrainData, evaluate_val, load_train_data
+from resnetlab.engine.distributed import (SINGLE, DistInfo, all_reduce_sum_, any_rank, average_bn_stats_,
+                                          broadcast_module_, on_main, process_group, together)
 from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
 from resnetlab.engine.runtime import use_threads
 from resnetlab.engine.state import load_training_state, training_state
@@ -57,13 +64,13 @@ def train(config: RunConfig | dict, *, progress: str = "bar", on_epoch_end: Call
     config = config if isinstance(config, RunConfig) else validate_config(config)
     if config.out is None:
         raise ConfigError("invalid value for 'out': the run directory is not set (--out RUN_DIR)")
-    existed = Path(config.out).exists()
-    run = create_run_dir(config.out)
-    with use_threads(config.runtime.threads):
+    with process_group() as dist, use_threads(config.runtime.threads):
+        existed = Path(config.out).exists()
+        run = on_main(dist, lambda: create_run_dir(config.out))
         try:
-            session = Session.start(config, run, progress)
+            session = Session.start(config, run, progress, dist)
         except BaseException:
-            if not existed and not any(run.root.iterdir()):
+            if dist.is_main and not existed and run.root.is_dir() and not any(run.root.iterdir()):
                 run.root.rmdir()  # bad data or options: leave no empty run directory behind
             raise
         return session.fit(on_epoch_end, on_step)
@@ -73,16 +80,22 @@ def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable
            on_step: Callable[[int], None] | None = None) -> RunResult:
     """Continue the run in `run_dir` from its latest checkpoint; on the CPU the result is identical
     to a run that was never interrupted."""
+    with process_group() as dist:
+        run, saved = on_main(dist, lambda: _open_for_resume(run_dir))  # the other ranks need no copy of it
+        config = validate_config(saved)
+        with use_threads(config.runtime.threads):
+            session = Session.restore(config, run, progress, dist)
+            return session.fit(on_epoch_end, on_step)
+
+
+def _open_for_resume(run_dir: str | Path) -> tuple[RunDir, dict]:
     run = open_run_dir(run_dir)
     if run.finished:
         raise ResnetlabError(f"{run.root} already finished (summary.json exists); nothing to resume")
     try:
-        config = validate_config(json.loads(run.config.read_text()))
+        return run, json.loads(run.config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a hand-edited or damaged file
         raise ConfigError(f"{run.config} is not valid JSON ({error}); the run cannot be resumed without it") from None
-    with use_threads(config.runtime.threads):
-        session = Session.restore(config, run, progress)
-        return session.fit(on_epoch_end, on_step)
 
 
 @dataclass
@@ -94,6 +107,7 @@ class Session:
     data: TrainData
     trainer: Trainer
     progress: str
+    dist: DistInfo = SINGLE  # this process among the training processes (rank 0 writes)
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # batches done in the epoch in progress (resume inside an epoch)
     best: dict = field(default_factory=dict)  # val_top1_error, val_loss, epoch, step of the best epoch
@@ -109,17 +123,20 @@ class Session:
 
     # --- setup ------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
-        session = cls._build(config, run, progress)
-        write_json_atomic(run.config, session.config.to_dict())
-        write_json_atomic(run.env, environment(session.trainer.runtime.describe()))
-        run.patch.write_text(git_patch())
+    def start(cls, config: RunConfig, run: RunDir, progress: str, dist: DistInfo = SINGLE) -> "Session":
+        session = cls._build(config, run, progress, dist)
+        on_main(dist, session._describe_run)
         return session
 
+    def _describe_run(self) -> None:
+        write_json_atomic(self.run.config, self.config.to_dict())
+        write_json_atomic(self.run.env, environment({**self.trainer.runtime.describe(), **self.batch_layout}))
+        self.run.patch.write_text(git_patch())
+
     @classmethod
-    def restore(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
-        session = cls._build(config, run, progress)
-        tensors, meta = read_tensors(run.state)
+    def restore(cls, config: RunConfig, run: RunDir, progress: str, dist: DistInfo = SINGLE) -> "Session":
+        session = cls._build(config, run, progress, dist)
+        tensors, meta = on_main(dist, lambda: read_tensors(run.state))  # every rank resumes rank 0's state
         state = meta["state"]
         load_training_state(session.trainer, tensors, state)
         session.epoch, session.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
@@ -127,22 +144,35 @@ class Session:
         session.elapsed, session.train_seconds = state["elapsed_seconds"], state["train_seconds"]
         session.train_images = state["train_images"]
         session.saved_at = (session.epoch, session.trainer.step)
-        metrics_io.MetricsLog(run.metrics_jsonl, run.metrics_csv).truncate_after(session.trainer.step)
+        if dist.is_main:
+            metrics_io.MetricsLog(run.metrics_jsonl, run.metrics_csv).truncate_after(session.trainer.step)
         return session
 
     @classmethod
-    def _build(cls, config: RunConfig, run: RunDir, progress: str) -> "Session":
+    def _build(cls, config: RunConfig, run: RunDir, progress: str, dist: DistInfo) -> "Session":
         if progress not in PROGRESS_MODES:
             raise ConfigError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
-        config = resolved_config(config)  # "auto" device/precision/channels_last made concrete
-        data = load_train_data(config, config.runtime)
-        trainer = build_trainer(config, data)
+        config = resolved_config(config, dist)  # "auto" device/precision/channels_last made concrete
+        data = together(dist, lambda: load_train_data(config, config.runtime, dist))
+        trainer = build_trainer(config, data, dist)
         default_bn_momentum(trainer)
-        return cls(config, run, data, trainer, progress)
+        return cls(config, run, data, trainer, progress if dist.is_main else "none", dist)
+
+    @property
+    def batch_layout(self) -> dict:
+        """How the global batch is computed: processes x accumulation steps x micro-batch."""
+        train, world = self.config.train, self.dist.world_size
+        return {"world_size": world, "global_batch": train.batch_size, "accum_steps": train.accum_steps,
+                "micro_batch": train.batch_size // (world * train.accum_steps), "sync_bn": train.sync_bn and world > 1,
+                "lr_scale": self.trainer.lr_scale}
 
     @property
     def metrics(self) -> metrics_io.MetricsLog:
         return metrics_io.MetricsLog(self.run.metrics_jsonl, self.run.metrics_csv)
+
+    def _append(self, row: dict) -> None:
+        if self.dist.is_main:
+            self.metrics.append(row)
 
     # --- the run ----------------------------------------------------------------------------------
     def fit(self, on_epoch_end=None, on_step=None) -> RunResult:
@@ -175,7 +205,7 @@ class Session:
                 if bar is not None:
                     bar.close()
                 self.train_seconds += result.seconds
-                self.train_images += result.images
+                self.train_images += result.images * self.dist.world_size  # every rank trains on as many
                 if not result.completed:
                     self._interrupted()
                 row = self._end_epoch(result)
@@ -185,6 +215,8 @@ class Session:
 
     def _after_step(self, batch_done: int, on_step) -> bool:
         self.batch_in_epoch = batch_done
+        # a signal may reach the ranks at different steps: all stop at the same one
+        self.stop_requested = any_rank(self.stop_requested, self.dist)
         if on_step is not None:
             on_step(self.trainer.step)
         every = self.config.train.checkpoint_every_steps
@@ -213,7 +245,7 @@ class Session:
         loss, error, count = trainer.interval_meter.read()
         check_finite(loss, "training loss", trainer.step)
         trainer.interval_meter.reset()
-        self.metrics.append({"kind": "step", "epoch": self.epoch + 1, "step": trainer.step, "train_loss": loss,
+        self._append({"kind": "step", "epoch": self.epoch + 1, "step": trainer.step, "train_loss": loss,
                              "train_top1_error": error, "lr": trainer.lr, "wall_seconds": self.wall_seconds})
         if bar is not None:
             now = time.perf_counter()
@@ -231,9 +263,10 @@ class Session:
         self.batch_in_epoch = 0
         row = {"kind": "epoch", "epoch": self.epoch, "step": trainer.step, "train_loss": loss,
                "train_top1_error": error, **self._validate(), "lr": trainer.lr,
-               "epoch_seconds": result.seconds, "images_per_s": result.images / max(result.seconds, 1e-9),
+               "epoch_seconds": result.seconds,
+               "images_per_s": result.images * self.dist.world_size / max(result.seconds, 1e-9),
                "wall_seconds": self.wall_seconds}
-        self.metrics.append(row)
+        self._append(row)
         self._update_best(row)
         self.save_state()
         if trainer.step < self.data.total_steps:  # the last epoch's curves are drawn once, by _finish
@@ -243,6 +276,8 @@ class Session:
 
     def _validate(self) -> dict:
         """Validation loss and top-1/top-5 error of the evaluated model (the EMA when it is on)."""
+        if self.dist.enabled:
+            return self._validate_sharded()
         runtime = self.trainer.runtime
         result = evaluate_val(self.data, self.trainer.eval_model, self.config, runtime.device, runtime.precision)
         if result is None:
@@ -251,18 +286,38 @@ class Session:
                           "val_top5_error": result.top5_error, "step": self.trainer.step}
         return {"val_loss": result.loss, "val_top1_error": result.top1_error, "val_top5_error": result.top5_error}
 
+    def _validate_sharded(self) -> dict:
+        """With several processes every rank evaluates rank 0's weights on its own slice of the
+        validation set (sizes differ by at most one image; none is left out or counted twice), and
+        the sums are added up over the ranks."""
+        val, model, runtime = self.data.splits.val, self.trainer.eval_model, self.trainer.runtime
+        if val is None:
+            return {}
+        broadcast_module_(model, self.dist)  # without SyncBN the BN statistics differ per rank
+        part = torch.tensor_split(torch.arange(len(val)), self.dist.world_size)[self.dist.rank]
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 and top-5 errors times images; images
+        if len(part):
+            shard = dataclasses.replace(self.data, splits=dataclasses.replace(self.data.splits, val=val.subset(part)))
+            result = evaluate_val(shard, model, self.config, runtime.device, runtime.precision)
+            numbers = [result.loss, result.top1_error, result.top5_error, 1.0]
+            sums = torch.tensor(numbers, dtype=torch.float64) * len(part)
+        all_reduce_sum_(sums)
+        loss, top1, top5 = (sums[:3] / sums[3]).tolist()
+        self.last_eval = {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5, "step": self.trainer.step}
+        return {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5}
+
     def _update_best(self, row: dict) -> None:
         error = row.get("val_top1_error")
         if error is None or (self.best and error >= self.best["val_top1_error"]):
             return
         self.best = {"val_top1_error": error, "val_loss": row["val_loss"], "epoch": row["epoch"], "step": row["step"]}
-        save_checkpoint(self.run.best, self.trainer.eval_model.state_dict(), self.model_metadata())
+        if self.dist.is_main:
+            save_checkpoint(self.run.best, self.trainer.eval_model.state_dict(), self.model_metadata())
 
     def _finish(self) -> RunResult:
         bn_note = self._reestimate_bn() if self.config.bn.reestimate else None
         self._plot(force=True)
-        summary = self._summary(bn_note)
-        write_json_atomic(self.run.summary, summary)
+        summary = on_main(self.dist, lambda: self._write_summary(bn_note))
         final = summary["final"]
         return RunResult(self.run.root, final.get("val_top1_error"), self.best.get("val_top1_error"),
                          final.get("val_loss"), summary)
@@ -270,7 +325,7 @@ class Session:
     def _reestimate_bn(self) -> dict:
         """Recompute the BN statistics over the training set (augmented as in training) with the
         final weights, then evaluate again; the last checkpoint holds the re-estimated model."""
-        from resnetlab.engine.bn import reestimate_bn
+        from resnetlab.engine.bn import bn_layers, reestimate_bn
 
         data, trainer = self.data, self.trainer
         before = dict(self.last_eval)
@@ -278,11 +333,18 @@ class Session:
         limit = self.config.bn.reestimate_batches
         batches = (x for x, _ in itertools.islice(data.loader, limit))
         used = reestimate_bn(trainer.eval_model, batches, trainer.runtime.autocast)
+        average_bn_stats_(bn_layers(trainer.eval_model), self.dist)  # each rank saw its own shard
         after = self._validate()
-        self.metrics.append({"kind": "final", "epoch": self.epoch, "step": trainer.step, **after,
-                             "wall_seconds": self.wall_seconds})
-        save_checkpoint(self.run.last, trainer.eval_model.state_dict(), self.model_metadata(bn_reestimated=True))
+        self._append({"kind": "final", "epoch": self.epoch, "step": trainer.step, **after,
+                      "wall_seconds": self.wall_seconds})
+        if self.dist.is_main:
+            save_checkpoint(self.run.last, trainer.eval_model.state_dict(), self.model_metadata(bn_reestimated=True))
         return {"batches": used, "before": before, "after": after}
+
+    def _write_summary(self, bn_note: dict | None) -> dict:
+        summary = self._summary(bn_note)
+        write_json_atomic(self.run.summary, summary)
+        return summary
 
     def _summary(self, bn_note: dict | None) -> dict:
         rows = [r for r in metrics_io.read_metrics(self.run.metrics_jsonl) if r["kind"] == "epoch"]
@@ -295,20 +357,23 @@ class Session:
             "epochs": self.epoch, "steps": self.trainer.step, "final": final, "best": self.best or None,
             "bn_reestimate": bn_note, "wall_seconds": self.wall_seconds,
             "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9),
-            "runtime": self.trainer.runtime.describe(), "data": self.data.description,
+            "runtime": self.trainer.runtime.describe(), "data": self.data.description, "batch": self.batch_layout,
         }
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save_state(self) -> None:
-        """Everything resume needs in one atomically written file, then the model for users."""
+        """Everything resume needs in one atomically written file, then the model for users. Every
+        rank calls it (the metric sums are reduced); rank 0 writes."""
         tensors, state = training_state(self.trainer)
         state.update({"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
                       "last_eval": self.last_eval, "elapsed_seconds": self.wall_seconds,
                       "train_seconds": self.train_seconds, "train_images": self.train_images})
-        save_tensors_atomic(self.run.state, tensors, {"state": state})
+        if self.dist.is_main:
+            save_tensors_atomic(self.run.state, tensors, {"state": state})
         self.saved_at = (self.epoch, self.trainer.step)  # resume starts here even if a later write fails
-        save_checkpoint(self.run.last, self.trainer.eval_model.state_dict(), self.model_metadata())
-        write_json_atomic(self.run.state_json, state)
+        if self.dist.is_main:
+            save_checkpoint(self.run.last, self.trainer.eval_model.state_dict(), self.model_metadata())
+            write_json_atomic(self.run.state_json, state)
 
     def model_metadata(self, **extra) -> dict:
         cfg, data = self.config, self.data
@@ -332,7 +397,7 @@ class Session:
     def _plot(self, force: bool = False) -> None:
         """Redraw curves.png: at the end, and after an epoch when the last drawing is a minute old
         (drawing takes about a second, too much to repeat after every short epoch)."""
-        if not force and time.perf_counter() - self.plotted_at < PLOT_EVERY_SECONDS:
+        if not self.dist.is_main or (not force and time.perf_counter() - self.plotted_at < PLOT_EVERY_SECONDS):
             return
         self.plotted_at = time.perf_counter()
         from resnetlab.artifacts.plots import plot_curves
@@ -345,7 +410,7 @@ class Session:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=len(self.data.loader), initial=self.batch_in_epoch, unit="step", leave=False,
+        return tqdm(total=self.data.steps_per_epoch, initial=self.batch_in_epoch, unit="step", leave=False,
                     desc=f"epoch {self.epoch + 1}/{self.data.num_epochs}", dynamic_ncols=True, file=sys.stderr)
 
     def _print_epoch(self, row: dict) -> None:
