@@ -44,10 +44,7 @@ def load_train_data(config: RunConfig, runtime: RuntimeSection, dist: DistInfo =
     """The data of one process: with several (`dist`), the loader yields this rank's share of each
     global batch (its micro-batches, when accumulating)."""
     if config.data.pipeline == "imagenet":
-        if dist.enabled or config.train.accum_steps > 1:
-            raise ConfigError("the imagenet pipeline trains in one process without gradient accumulation "
-                              "(its loader does not shard by rank yet)")
-        return _load_streamed(config, runtime)
+        return _load_streamed(config, runtime, dist)
     cfg = config.data
     splits = load_dataset(cfg.dir, val_size=cfg.val_size, split_seed=cfg.split_seed,
                           skip_bad_images=cfg.skip_bad_images, download=cfg.download, need=("train", "val"))
@@ -68,7 +65,7 @@ def load_train_data(config: RunConfig, runtime: RuntimeSection, dist: DistInfo =
     return TrainData(splits, normalizer, loader, steps_per_epoch, total_steps(config, steps_per_epoch))
 
 
-def _load_streamed(config: RunConfig, runtime: RuntimeSection) -> TrainData:
+def _load_streamed(config: RunConfig, runtime: RuntimeSection, dist: DistInfo) -> TrainData:
     """The ImageNet pipeline: image files listed, not read; decoded per batch in worker processes."""
     from resnetlab.data.imagenet import (EvalTransform, StreamingLoader, TrainTransform, folder_normalizer,
                                          open_image_folder)
@@ -87,14 +84,16 @@ def _load_streamed(config: RunConfig, runtime: RuntimeSection) -> TrainData:
     normalizer = folder_normalizer(splits.train, cfg.normalization, center, seed=cfg.split_seed, workers=workers)
     loader = StreamingLoader(
         splits.train, TrainTransform(tuple(cfg.scale_range), cfg.image_size, cfg.flip, cfg.color_pca),
-        batch_size=config.train.batch_size, normalizer=normalizer, shuffle=True, drop_last=config.train.drop_last,
-        seed=config.train.seed, device=runtime.device, workers=workers, channels_last=runtime.channels_last is True,
+        batch_size=micro_batch_size(config, dist.world_size), normalizer=normalizer, shuffle=True,
+        drop_last=config.train.drop_last, seed=config.train.seed, device=runtime.device, workers=workers,
+        channels_last=runtime.channels_last is True, rank=dist.rank, world_size=dist.world_size,
     )  # fmt: skip
-    if len(loader) == 0:
+    steps_per_epoch = steps_in_epoch(len(loader), config.train.accum_steps, config.train.drop_last)
+    if steps_per_epoch == 0:
         raise DataError(f"{len(splits.train)} training images make no full batch of {config.train.batch_size} "
                         "(drop_last)")
     pipeline = {"pipeline": "imagenet", "image_size": cfg.image_size, "eval_resize": cfg.eval_resize}
-    return TrainData(splits, normalizer, loader, len(loader), total_steps(config, len(loader)), pipeline)
+    return TrainData(splits, normalizer, loader, steps_per_epoch, total_steps(config, steps_per_epoch), pipeline)
 
 
 def data_workers(config: RunConfig) -> int:

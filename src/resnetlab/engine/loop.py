@@ -174,7 +174,8 @@ def run_epoch(
     loader.set_epoch(epoch)
     log_every = trainer.cfg.train.log_every_steps
     images, start = 0, time.perf_counter()
-    for batch_in_epoch, group in enumerate(step_batches(loader, trainer.cfg.train.accum_steps)):
+    train = trainer.cfg.train
+    for batch_in_epoch, group in enumerate(step_batches(loader, train.accum_steps, train.drop_last)):
         if batch_in_epoch < start_batch:
             continue  # the loader's batches are a function of (seed, epoch): skip to where we were
         if trainer.step >= total_steps:
@@ -194,16 +195,16 @@ def run_epoch(
     return EpochResult(True, time.perf_counter() - start, images)
 
 
-def step_batches(loader, accum_steps: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+def step_batches(loader, accum_steps: int, drop_last: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The loader's (micro-)batches grouped into optimizer steps of `accum_steps`; the epoch's last
-    group is shorter when the epoch does not fill it, and left out with the loader's drop_last."""
+    group is shorter when the epoch does not fill it, and left out with drop_last."""
     group = []
     for batch in loader:
         group.append(batch)
         if len(group) == accum_steps:
             yield group
             group = []
-    if group and not getattr(loader, "drop_last", False):
+    if group and not drop_last:
         yield group
 
 
