@@ -149,3 +149,18 @@ def test_missing_data_leaves_no_run_directory(tmp_path):
     with pytest.raises(ResnetlabError, match="does not exist"):
         train(tiny_config(tmp_path / "no-such-data", tmp_path / "run"), progress="none")
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_precision_is_what_was_measured_fastest(monkeypatch):
+    import torch
+
+    from resnetlab.engine import runtime
+
+    # CUDA: fp32 (autocast's casts slowed every CIFAR/ImageNet net timed on an H100); the device
+    # object needs no GPU to exist.
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert runtime.resolve_precision("fp16", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"

@@ -53,8 +53,8 @@ class Runtime:
 def resolve_runtime(cfg: RuntimeSection) -> Runtime:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    # faster in both CPU precisions measured (see resolve_precision); on CUDA it is the layout
-    # that tensor-core convolutions want (NVIDIA performance guide) -- not measured here
+    # faster in both CPU precisions measured (see resolve_precision), and on an H100 too: ResNet-20
+    # fp32 18,203 images/s channels_last vs 13,918 NCHW (benchmarks/RESULTS-cuda.md)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
     return Runtime(device, precision, channels_last, cfg.compile)
 
@@ -94,16 +94,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on CUDA GPUs that support it (fp16 on older ones); on the CPU bf16 where it is
-    native, else fp32. Measured for ResNet-20 training (batch 128, this engine's loop, one thread
-    of a Zen 4 EPYC, images per CPU-second): fp32 NCHW 245, fp32 channels_last 304, bf16 NCHW 444,
-    bf16 channels_last 487."""
+    """"auto": whatever was measured to train fastest. On the CPU, bf16 where it is native, else
+    fp32: ResNet-20 training (batch 128, this engine's loop, one thread of a Zen 4 EPYC, images per
+    CPU-second): fp32 NCHW 245, fp32 channels_last 304, bf16 NCHW 444, bf16 channels_last 487.
+    On CUDA, fp32 (with PyTorch's default TF32 convolutions): on an H100 (torch 2.11, channels_last,
+    eager) these nets are launch-bound and autocast adds cast kernels: ResNet-20 batch 128 trained
+    at 16,846 images/s in fp32 vs 12,148 in bf16, ResNet-50 at 224 px batch 32 at 1,945 vs 1,385;
+    only ResNet-56 gained (6,863 vs 7,089, +3%). bf16/fp16 stay one switch away
+    (benchmarks/RESULTS-cuda.md)."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("invalid value for 'runtime.precision': fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
