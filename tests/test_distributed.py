@@ -170,6 +170,27 @@ def test_a_two_process_run_resumes_a_one_process_checkpoint_exactly(data_dir, tm
     assert_same_training(whole.run_dir, partial, first_step=5)
 
 
+@pytest.mark.timeout(240)
+def test_the_imagenet_pipeline_shards_by_rank_too(tmp_path):
+    """Its crops are a function of (seed, epoch, image), not of the rank: 2 processes match 1."""
+    from test_imagenet import tiny_imagenet_config, write_folder
+
+    folder = write_folder(tmp_path / "images", {"train": 8, "val": 2})  # 24 training images, 6 validation
+    config = tiny_imagenet_config(folder, tmp_path / "one")
+    config["model"] = {"name": "resnet8", "options": {"width": 0.25}}
+    config["data"]["workers"] = 1
+    config["train"].update(batch_size=8, steps=None, epochs=1, log_every_steps=1, sync_bn=True)
+    one = train(config, progress="none")
+    recipe = write_recipe(tmp_path / "recipe.yaml", config)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "resnetlab", "train", "--recipe-file", str(recipe), "--out", "two", "--quiet"]
+    launched = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert_same_training(one.run_dir, tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 3
+
+
 # --- gradient accumulation in one process: exact where no BN is involved ----------------------------
 
 def linear_trainer(**overrides) -> Trainer:

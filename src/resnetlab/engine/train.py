@@ -65,15 +65,18 @@ def train(config: RunConfig | dict, *, progress: str = "bar", on_epoch_end: Call
     if config.out is None:
         raise ConfigError("invalid value for 'out': the run directory is not set (--out RUN_DIR)")
     with process_group() as dist, use_threads(config.runtime.threads):
-        existed = Path(config.out).exists()
-        run = on_main(dist, lambda: create_run_dir(config.out))
-        try:
-            session = Session.start(config, run, progress, dist)
-        except BaseException:
-            if dist.is_main and not existed and run.root.is_dir() and not any(run.root.iterdir()):
-                run.root.rmdir()  # bad data or options: leave no empty run directory behind
-            raise
-        return session.fit(on_epoch_end, on_step)
+        return _start(config, progress, dist).fit(on_epoch_end, on_step)
+
+
+def _start(config: RunConfig, progress: str, dist: DistInfo) -> "Session":
+    existed = Path(config.out).exists()
+    run = on_main(dist, lambda: create_run_dir(config.out))
+    try:
+        return Session.start(config, run, progress, dist)
+    except BaseException:
+        if dist.is_main and not existed and run.root.is_dir() and not any(run.root.iterdir()):
+            run.root.rmdir()  # bad data or options: leave no empty run directory behind
+        raise
 
 
 def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable[[dict], None] | None = None,
@@ -84,8 +87,7 @@ def resume(run_dir: str | Path, *, progress: str = "bar", on_epoch_end: Callable
         run, saved = on_main(dist, lambda: _open_for_resume(run_dir))  # the other ranks need no copy of it
         config = validate_config(saved)
         with use_threads(config.runtime.threads):
-            session = Session.restore(config, run, progress, dist)
-            return session.fit(on_epoch_end, on_step)
+            return Session.restore(config, run, progress, dist).fit(on_epoch_end, on_step)
 
 
 def _open_for_resume(run_dir: str | Path) -> tuple[RunDir, dict]:
@@ -184,6 +186,9 @@ class Session:
             raise DivergenceError(f"{error}; {kept}. Try a lower learning rate or a warm-up.") from None
         except OSError as error:  # a full disk, a lost mount: the atomic writes kept the last checkpoint whole
             raise ResnetlabError(self._write_failed(error)) from None
+        finally:
+            if self.trainer.ddp is not None:  # unreachable now (even from a traceback): process_group() collects it
+                self.trainer.forward, self.trainer.ddp = self.trainer.model, None
 
     def _write_failed(self, error: OSError) -> str:
         reason = f"cannot write to the run directory {self.run.root}: {error.strerror or error}"
