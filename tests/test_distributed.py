@@ -32,7 +32,7 @@ from resnetlab.engine.optim import build_optimizer
 from resnetlab.engine.runtime import resolve_runtime
 from resnetlab.engine.schedules import Schedule, WarmupController
 from resnetlab.engine.setup import lr_scale
-from resnetlab.engine.train import resume, train
+from resnetlab.engine.train import train
 from resnetlab.errors import ConfigError
 from trainkit import tiny_config, write_synthetic_cifar10
 
