@@ -116,6 +116,20 @@ def test_torchrun_two_gloo_processes_match_one_process_with_the_same_global_batc
     assert summary["steps"] == 4 and summary["data"]["train_images"] == 256
 
 
+@pytest.mark.timeout(240)
+def test_an_error_on_rank_zero_stops_every_rank_and_is_printed_once(data_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("not a run")
+    recipe = write_recipe(tmp_path / "recipe.yaml", ddp_config(data_dir, None))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "resnetlab", "train", "--recipe-file", str(recipe), "--out", "run", "--quiet"]
+    launched = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)
+    assert launched.returncode != 0
+    assert launched.stderr.count("resnetlab: error:") == 1 and "is not empty and holds no run" in launched.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == ["notes.txt"]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

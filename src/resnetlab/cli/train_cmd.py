@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from resnetlab.engine.distributed import env_info
+    from resnetlab.engine.distributed import FailedElsewhere, env_info
     from resnetlab.engine.train import TrainingInterrupted, resume, train
 
     progress = "lines" if args.quiet else "bar"
@@ -55,6 +55,8 @@ def run(args) -> int:
         if main:
             print(f"resnetlab: {stop}", file=sys.stderr)
         return 130
+    except FailedElsewhere:
+        return 2  # the failing rank has printed the error
     if main:
         print(result_line(result))
     return 0

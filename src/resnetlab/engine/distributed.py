@@ -44,6 +44,10 @@ class DistInfo:
 SINGLE = DistInfo()
 
 
+class FailedElsewhere(ResnetlabError):
+    """Another rank failed and reports why; this one stops too (and the CLI says nothing more)."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -148,7 +152,7 @@ def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
         message = None if error is None else (str(error) if isinstance(error, ResnetlabError) else repr(error))
         result, message = broadcast_object((result, message), info)
         if message is not None and not info.is_main:
-            raise ResnetlabError(message)
+            raise FailedElsewhere(message)
     if error is not None:
         raise error
     return result
@@ -166,8 +170,8 @@ def together(info: DistInfo, fn: Callable[[], Any]) -> Any:
         failed = torch.tensor([info.world_size if error is None else info.rank], dtype=torch.int32)
         dist.all_reduce(failed, op=dist.ReduceOp.MIN)
         if error is None and failed.item() < info.world_size:
-            raise ResnetlabError(f"rank {failed.item()} failed (that rank prints its error); "
-                                 f"rank {info.rank} stops too")
+            raise FailedElsewhere(f"rank {failed.item()} failed (that rank prints its error); "
+                                  f"rank {info.rank} stops too")
     if error is not None:
         raise error
     return result
