@@ -91,7 +91,7 @@ def process_group() -> Iterator[DistInfo]:
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     try:
         yield current()
-        dist.barrier()  # leave together
+        dist.all_reduce(torch.zeros(1))  # leave together (a barrier over gloo, whatever the device)
     finally:
         # DistributedDataParallel sits in a reference cycle; left to the interpreter's final garbage
         # collection, its destruction aborts the process now and then ("terminate called without an
