@@ -3,6 +3,7 @@ scale augmentation, PCA colour noise, 10-crop and multi-scale testing, training 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,17 @@ def test_resnet18_trains_through_the_imagenet_pipeline_and_evaluates_with_10crop
         summary = json.loads(out.splitlines()[0])
         assert code == 0 and summary["n"] == 6 and np.isfinite(summary["loss"])
     assert (tmp_path / "run" / "confusion-val-10crop.png").is_file()
+
+    # predict prepares a new image as validation did (shorter side eval_resize, centre crop): its
+    # probabilities on the val files give the validation loss
+    from resnetlab.artifacts.checkpoint import load
+    from resnetlab.inference import predict
+
+    val_files = sorted((folder / "val").glob("*/*"))
+    model, _ = load(tmp_path / "run")
+    predictions = predict(model, metadata, val_files, top=len(CLASSES))
+    nll = [-math.log(dict(zip(p.classes, p.probabilities))[Path(p.image).parent.name]) for p in predictions]
+    assert sum(nll) / len(nll) == pytest.approx(result.final_val_loss, rel=1e-4)
 
 
 def test_10crop_on_an_in_memory_checkpoint_is_one_line(tmp_path, capsys):

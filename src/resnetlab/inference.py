@@ -2,7 +2,8 @@
 
 Images are prepared the way the model saw its data: RGB, resized so that they cover the model's
 input size (shorter side first, then a centre crop), as uint8, then normalised with the statistics
-stored in the checkpoint's metadata.
+stored in the checkpoint's metadata. A model trained with the ImageNet pipeline is fed as its
+validation was: shorter side `eval_resize` (256), then the centre `image_size` crop (224).
 """
 from __future__ import annotations
 
@@ -95,6 +96,17 @@ def load_images(paths: Sequence[str | Path], height: int, width: int) -> torch.T
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def load_images_for(metadata: dict, paths: Sequence[str | Path]) -> torch.Tensor:
+    """The images as the checkpoint's validation saw them (uint8, N x 3 x H x W)."""
+    data = metadata.get("data") or {}
+    if data.get("pipeline") == "imagenet":
+        from resnetlab.data.imagenet import EvalTransform
+
+        center = EvalTransform("center", int(data["eval_resize"]), int(data["image_size"]))
+        return torch.stack([center(str(p)) for p in paths])
+    return load_images(paths, *input_hw(metadata))
+
+
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module,
@@ -108,7 +120,7 @@ def predict(
     """The `top` most probable classes of each image file, with softmax probabilities."""
     classes = class_names(metadata)
     normalizer = normalizer_from_metadata(metadata)
-    images = load_images(paths, *input_hw(metadata))
+    images = load_images_for(metadata, paths)
     top = max(1, min(top, len(classes)))
     model.to(device).eval()
     results = []
