@@ -11,7 +11,6 @@ isolates the training machinery.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from resnetlab.bench.memory import PeakRSS, maxrss_mb
-from resnetlab.bench.peak import measure_peak_gflops, synchronize
+from resnetlab.bench.peak import measure_peak_gflops
 from resnetlab.bench.train_bench import (BenchResult, best_window, default_num_images, mfu, synthetic_data,
-                                         time_windows, train_flops_per_image)
+                                         train_flops_per_image, warm_up_and_time)
 from resnetlab.engine.runtime import resolve_device
 
 # The usual CIFAR-10 channel statistics of the tutorials.
@@ -134,12 +133,7 @@ def run_baseline(cfg: BaselineConfig, peak_gflops: float | None = None) -> Bench
         model = create_model(cfg.model).to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         trainer = _StandardLoop(model, optimizer, loader, device)
-        start = time.perf_counter()
-        for _ in range(cfg.warmup_steps):
-            trainer.step()
-        synchronize(device)
-        warmup_s = time.perf_counter() - start
-        windows = time_windows(trainer.step, cfg.steps, cfg.windows, device, retry_seconds=cfg.retry_seconds)
+        warmup_s, windows = warm_up_and_time(trainer.step, cfg, device)
         trainer.close()
     best = best_window(windows)
     rate = best.rate(cfg.batch_size)

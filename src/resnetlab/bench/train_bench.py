@@ -157,6 +157,18 @@ def time_windows(step: Callable[[], None], steps: int, windows: int, device: tor
     return done
 
 
+def warm_up_and_time(step: Callable[[], None], cfg: "BenchConfig", device: torch.device) -> tuple[float, list[Window]]:
+    """Run cfg.warmup_steps untimed steps (compilation, allocator and cache warm-up), then the timed
+    windows; returns (warm-up seconds, windows). Shared by the engine bench and the baseline so both
+    are measured the same way."""
+    start = time.perf_counter()
+    for _ in range(cfg.warmup_steps):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    return warmup_s, time_windows(step, cfg.steps, cfg.windows, device, retry_seconds=cfg.retry_seconds)
+
+
 def best_window(windows: list[Window], max_foreign_cores: float = 0.15) -> Window:
     """The fastest clean window, or the fastest of all when none was clean."""
     clean = [w for w in windows if w.foreign_cores <= max_foreign_cores] or windows
@@ -188,12 +200,7 @@ def _run_train_bench(cfg: BenchConfig, peak_gflops: float | None) -> BenchResult
 
     with PeakRSS() as rss:
         stepper = EngineStepper(config, images, labels, info["num_classes"])
-        start = time.perf_counter()
-        for _ in range(cfg.warmup_steps):
-            stepper.step()
-        synchronize(device)
-        warmup_s = time.perf_counter() - start
-        windows = time_windows(stepper.step, cfg.steps, cfg.windows, device, retry_seconds=cfg.retry_seconds)
+        warmup_s, windows = warm_up_and_time(stepper.step, cfg, device)
         stepper.check_finite()
     best = best_window(windows)
     rate = best.rate(cfg.batch_size)
