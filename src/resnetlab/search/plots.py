@@ -60,23 +60,22 @@ def plot_optuna(study, prefix: Path) -> list[Path]:
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning
-        ax = ovm.plot_optimization_history(study)
-        path = prefix.with_name(prefix.name + "_history.png")
-        ax.figure.set_size_inches(7, 4.5)
-        ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=110)
-        plt.close(ax.figure)
-        written.append(path)
+        written.append(_save_axes(plt, ovm.plot_optimization_history(study), prefix, "history", (7, 4.5)))
         complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if len(complete) >= 4:
             try:
                 ax = ovm.plot_param_importances(study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
             except (ValueError, RuntimeError, ImportError):  # too few distinct trials to rank parameters
                 return written
-            path = prefix.with_name(prefix.name + "_importance.png")
-            ax.figure.set_size_inches(7, 3.5)
-            ax.figure.tight_layout()
-            ax.figure.savefig(path, dpi=110)
-            plt.close(ax.figure)
-            written.append(path)
+            written.append(_save_axes(plt, ax, prefix, "importance", (7, 3.5)))
     return written
+
+
+def _save_axes(plt, ax, prefix: Path, suffix: str, size: tuple[float, float]) -> Path:
+    """Save the figure of one of optuna's matplotlib plots as PREFIX_SUFFIX.png and close it."""
+    path = prefix.with_name(f"{prefix.name}_{suffix}.png")
+    ax.figure.set_size_inches(*size)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
+    plt.close(ax.figure)
+    return path
