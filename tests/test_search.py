@@ -106,3 +106,13 @@ def test_cli_user_errors_are_one_line(data_dir, tmp_path, capsys, argv, fragment
     code, out, err = run_cli(capsys, "search", "--method", "tpe", "--model", "resnet8", "--data-dir", data_dir,
                              "--out", tmp_path / "s", "--trials", 1, "--budget-epochs", 1, *argv)
     assert_one_line_error(code, out, err, fragment)
+
+
+def test_a_search_space_with_a_repeated_key_is_refused(tmp_path):
+    from resnetlab.errors import ConfigError
+    from resnetlab.search.space import load_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {low: 1e-4, high: 0.3, log: true}\noptim.lr: {low: 0.01, high: 0.1}\n")
+    with pytest.raises(ConfigError, match="'optim.lr' appears twice"):
+        load_space(space)

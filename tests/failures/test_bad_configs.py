@@ -76,6 +76,8 @@ RECIPE_FILES = {
     "broken-yaml": ("optim: {lr: 0.1\n", ["not valid YAML", "line 2"]),
     "tab-indented": ("optim:\n\tlr: 0.1\n", ["not valid YAML"]),
     "integer-key": ("optim:\n  1: 0.1\n", ["'optim", "strings"]),
+    "duplicate-key": ("optim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.5\n", ["key 'lr' appears twice", "line 4"]),
+    "duplicate-section": ("train:\n  epochs: 3\noptim:\n  lr: 0.1\ntrain:\n  seed: 1\n", ["'train' appears twice"]),
     "binary": (os.urandom(256) + b"\xff\xfe", ["not UTF-8 text"]),
     "latin-1": ("optim:\n  lr: 0.1  # caf\xe9\n".encode("latin-1"), ["not UTF-8 text"]),
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from resnetlab.config import DuplicateKeyError, load_yaml
 from resnetlab.errors import ConfigError
 
 # Momentum at or above 1 makes SGD's velocity grow without bound (the step is a geometric sum
@@ -78,7 +79,9 @@ def load_space(path: str | Path) -> SearchSpace:
     """A YAML mapping `dotted.key: {low: .., high: .., log: bool}`, e.g.
     `optim.lr: {low: 1e-4, high: 0.3, log: true}`."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
+    except DuplicateKeyError as error:
+        raise ConfigError(f"search space {path}: {error}") from None
     except OSError as error:
         raise ConfigError(f"cannot read search space {path}: {error.strerror or error}") from None
     except yaml.YAMLError:
