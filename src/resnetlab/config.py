@@ -145,15 +145,28 @@ class OneCycleSection(_Section):
     max_momentum: float = Field(default=0.95, ge=0, le=1)  # at the start and the end
 
 
+class PlateauSection(_Section):
+    """kind plateau: the lr is multiplied by gamma (never below min_lr) when the epoch's error
+    plateaus (He et al. 2015, section 3.4), in torch ReduceLROnPlateau's terms: an epoch that does
+    not beat the best error by more than `threshold` (absolute) is bad; after more than `patience`
+    bad epochs in a row the lr decays, then `cooldown` epochs are not counted."""
+
+    metric: Literal["val_error", "train_error"] = "val_error"  # top-1, of the whole epoch / validation split
+    patience: int = Field(default=5, ge=0)
+    threshold: float = Field(default=0.001, ge=0, allow_inf_nan=False)
+    cooldown: int = Field(default=0, ge=0)
+
+
 class ScheduleSection(_Section):
-    kind: Literal["multistep", "cosine", "onecycle", "constant", "linear"] = "multistep"
+    kind: Literal["multistep", "cosine", "onecycle", "constant", "linear", "plateau"] = "multistep"
     # Paper: lr / 10 at 32k and 48k iterations.
     milestones: list[float] = Field(default_factory=lambda: [32000, 48000])
     unit: Literal["steps", "epochs"] = "steps"
     gamma: float = Field(default=0.1, gt=0, allow_inf_nan=False)
-    min_lr: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # end of cosine/linear decay
+    min_lr: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # end of cosine/linear decay; plateau's floor
     warmup: WarmupSection = Field(default_factory=WarmupSection)
     onecycle: OneCycleSection = Field(default_factory=OneCycleSection)
+    plateau: PlateauSection = Field(default_factory=PlateauSection)
 
     @field_validator("milestones")
     @classmethod

@@ -20,7 +20,7 @@ from resnetlab.engine.distributed import SINGLE, DistInfo, all_reduce_sum_
 from resnetlab.engine.ema import EMA
 from resnetlab.engine.optim import set_lr, set_momentum
 from resnetlab.engine.runtime import Runtime
-from resnetlab.engine.schedules import Schedule, WarmupController
+from resnetlab.engine.schedules import PlateauController, Schedule, WarmupController
 from resnetlab.errors import DivergenceError
 
 
@@ -76,6 +76,7 @@ class Trainer:
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper inside `forward` (several processes)
     dist: DistInfo = SINGLE
     lr_scale: float = 1.0  # optim.lr_scaling's factor on every lr of the schedule
+    plateau: PlateauController | None = None  # None: a new one for `schedule`
     step: int = 0
     lr: float = 0.0
     epoch_meter: Meter = field(init=False)
@@ -83,6 +84,8 @@ class Trainer:
 
     def __post_init__(self) -> None:
         reduce = all_reduce_sum_ if self.dist.enabled else None
+        if self.plateau is None:
+            self.plateau = PlateauController(self.schedule)
         self.epoch_meter = Meter(self.runtime.device, reduce)
         self.interval_meter = Meter(self.runtime.device, reduce)
 
@@ -97,7 +100,7 @@ class Trainer:
         the summed gradient is the gradient of the step's mean loss, as one big batch gives it --
         exactly, but for BN, which normalises each micro-batch with its own statistics."""
         step = self.step
-        self.lr = self.schedule.lr_at(step, self.warmup.done_at_step) * self.lr_scale
+        self.lr = self.schedule.lr_at(step, self.warmup.done_at_step, self.plateau.decay_steps) * self.lr_scale
         set_lr(self.optimizer, self.lr)
         momentum = self.schedule.momentum_at(step)
         if momentum is not None:

@@ -30,7 +30,7 @@ class ExponentialSweep:
     end_lr: float
     steps: int
 
-    def lr_at(self, step: int, warmup_done_at_step: int | None = None) -> float:
+    def lr_at(self, step: int, warmup_done_at_step: int | None = None, decay_steps=()) -> float:
         return self.start_lr * (self.end_lr / self.start_lr) ** (step / max(self.steps - 1, 1))
 
     def momentum_at(self, step: int) -> None:

@@ -1,12 +1,14 @@
 """Learning-rate and momentum schedules as pure functions of the global step (0-based: the lr used
-by optimizer step `step`). `Schedule` is immutable; the only run-time input besides the step is
+by optimizer step `step`). `Schedule` is immutable; the only run-time inputs besides the step are
 the step at which an until-error warm-up ended, which `WarmupController` decides from the training
-error and the run saves with its checkpoints.
+error, and the steps at which a plateau schedule divided the lr, which `PlateauController` decides
+from each epoch's error; the run saves both with its checkpoints.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from resnetlab.config import ScheduleSection
 
@@ -38,17 +40,22 @@ class Schedule:
             return min(done, warmup.cap_steps)
         return to_steps(warmup.length, warmup.unit, self.steps_per_epoch)
 
-    def lr_at(self, step: int, warmup_done_at_step: int | None = None) -> float:
+    def lr_at(self, step: int, warmup_done_at_step: int | None = None, decay_steps: Sequence[int] = ()) -> float:
+        """`decay_steps`: the steps from which a plateau schedule multiplied the lr by gamma."""
         warmup = self.cfg.warmup
         warmup_end = self.warmup_steps(warmup_done_at_step)
         if step < warmup_end:
             if warmup.kind == "linear":
-                start, target = warmup.lr or 0.0, self._main_lr(warmup_end, warmup_end)
+                start, target = warmup.lr or 0.0, self._main_lr(warmup_end, warmup_end, decay_steps)
                 return start + (target - start) * (step + 1) / warmup_end
             return float(warmup.lr)
-        return self._main_lr(step, warmup_end)
+        return self._main_lr(step, warmup_end, decay_steps)
 
-    def _main_lr(self, step: int, warmup_end: int) -> float:
+    def plateau_lr(self, decays: int) -> float:
+        """The plateau schedule's lr after `decays` decays: base * gamma**decays, never below min_lr."""
+        return max(self.base_lr * self.cfg.gamma**decays, self.cfg.min_lr)
+
+    def _main_lr(self, step: int, warmup_end: int, decay_steps: Sequence[int] = ()) -> float:
         kind, base = self.cfg.kind, self.base_lr
         if kind == "constant":
             return base
@@ -56,6 +63,8 @@ class Schedule:
             # lr / 10 from each milestone on: he2016 gives 0.1 on 0..31999, 0.01 from 32000
             passed = sum(step >= m for m in self.milestone_steps)
             return base * self.cfg.gamma**passed
+        if kind == "plateau":
+            return self.plateau_lr(sum(step >= d for d in decay_steps))
         if kind == "onecycle":
             return self._onecycle(step)[0]
         # cosine / linear decay from the end of the warm-up to the end of training
@@ -115,3 +124,56 @@ class WarmupController:
         """Record the error of batch `step`; the warm-up ends after the first batch below threshold."""
         if self.needs_error(step) and batch_error < self.threshold:
             self.done_at_step = step + 1
+
+
+class PlateauController:
+    """Decides when a plateau schedule divides the lr (He et al. 2015, section 3.4: "the learning rate
+    starts from 0.1 and is divided by 10 when the error plateaus"), in torch ReduceLROnPlateau's
+    terms (mode min, absolute threshold): fed the epoch's error (validation or training, every rank
+    the same global number), an epoch counts as bad unless it beats the best error by more than
+    `threshold`; after more than `patience` bad epochs in a row the lr is multiplied by gamma from
+    the next step on, then `cooldown` epochs are not counted. Decays that would not lower the lr
+    (already at min_lr) are not recorded. Its state (`state_dict`) is saved with the checkpoints."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.active = schedule.cfg.kind == "plateau"
+        self.cfg = schedule.cfg.plateau
+        self.decay_steps: list[int] = []
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.cooldown_left = 0
+
+    @property
+    def metric(self) -> str:
+        return self.cfg.metric
+
+    def update(self, step: int, error: float) -> bool:
+        """Record the error of the epoch that ended before `step`; True when the lr is decayed
+        from `step` on. NaN counts as no improvement."""
+        if not self.active:
+            return False
+        if self.best is None or error < self.best - self.cfg.threshold:
+            self.best, self.bad_epochs = error, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs <= self.cfg.patience:
+            return False
+        self.bad_epochs = 0
+        self.cooldown_left = self.cfg.cooldown
+        decays = len(self.decay_steps)
+        if self.schedule.plateau_lr(decays + 1) >= self.schedule.plateau_lr(decays) * (1 - 1e-9):
+            return False  # at min_lr already (up to rounding), or gamma >= 1: nothing to record
+        self.decay_steps.append(step)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"decay_steps": list(self.decay_steps), "best": self.best, "bad_epochs": self.bad_epochs,
+                "cooldown_left": self.cooldown_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay_steps = [int(s) for s in state["decay_steps"]]
+        self.best, self.bad_epochs, self.cooldown_left = state["best"], state["bad_epochs"], state["cooldown_left"]

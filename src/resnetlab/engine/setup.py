@@ -14,7 +14,7 @@ from resnetlab.engine.ema import EMA
 from resnetlab.engine.loop import Trainer
 from resnetlab.engine.optim import build_optimizer
 from resnetlab.engine.runtime import resolve_runtime, seed_everything
-from resnetlab.engine.schedules import Schedule, WarmupController
+from resnetlab.engine.schedules import PlateauController, Schedule, WarmupController
 from resnetlab.errors import ConfigError
 
 
@@ -51,8 +51,8 @@ def build_trainer(config: RunConfig, data: TrainData, dist: DistInfo = SINGLE) -
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay else None
     return Trainer(
         cfg=config, model=model, forward=forward, optimizer=optimizer, schedule=schedule,
-        warmup=WarmupController(schedule), runtime=runtime, scaler=runtime.grad_scaler(),
-        bn_layers=bn_layers(model), ema=ema, ddp=ddp, dist=dist,
+        warmup=WarmupController(schedule), plateau=PlateauController(schedule), runtime=runtime,
+        scaler=runtime.grad_scaler(), bn_layers=bn_layers(model), ema=ema, ddp=ddp, dist=dist,
         lr_scale=lr_scale(config.optim, config.train.batch_size),
     )  # fmt: skip
 

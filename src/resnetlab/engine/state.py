@@ -25,6 +25,7 @@ def training_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
     tensors["meter.interval"] = interval_sums
     state = {
         "step": trainer.step, "lr": trainer.lr, "warmup_done_at_step": trainer.warmup.done_at_step,
+        "plateau": trainer.plateau.state_dict(),
         "optimizer": optim_json, "scaler": trainer.scaler.state_dict(),
         "ema_updates": trainer.ema.updates if trainer.ema is not None else None,
         "meter_counts": {"epoch": epoch_count, "interval": interval_count},
@@ -52,6 +53,8 @@ def load_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], stat
             meter.count = state["meter_counts"][name]
     trainer.step, trainer.lr = state["step"], state["lr"]
     trainer.warmup.done_at_step = state["warmup_done_at_step"]
+    if "plateau" in state:  # checkpoints written before the plateau schedule existed lack it
+        trainer.plateau.load_state_dict(state["plateau"])
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

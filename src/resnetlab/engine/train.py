@@ -155,7 +155,7 @@ class Session:
         if progress not in PROGRESS_MODES:
             raise ConfigError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
         config = resolved_config(config, dist)  # "auto" device/precision/channels_last made concrete
-        data = together(dist, lambda: load_train_data(config, config.runtime, dist))
+        data = together(dist, lambda: _checked_plateau(config, load_train_data(config, config.runtime, dist)))
         trainer = build_trainer(config, data, dist)
         default_bn_momentum(trainer)
         return cls(config, run, data, trainer, progress if dist.is_main else "none", dist)
@@ -271,6 +271,7 @@ class Session:
                "epoch_seconds": result.seconds,
                "images_per_s": result.images * self.dist.world_size / max(result.seconds, 1e-9),
                "wall_seconds": self.wall_seconds}
+        self._feed_plateau(row)
         self._append(row)
         self._update_best(row)
         self.save_state()
@@ -310,6 +311,17 @@ class Session:
         loss, top1, top5 = (sums[:3] / sums[3]).tolist()
         self.last_eval = {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5, "step": self.trainer.step}
         return {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5}
+
+    def _feed_plateau(self, row: dict) -> None:
+        """Give a plateau schedule the epoch's error (global: summed over the ranks, so all decide
+        alike); a decay from the next step on shows in the row as `lr_decayed_to`."""
+        trainer, plateau = self.trainer, self.trainer.plateau
+        if not plateau.active:
+            return
+        error = row["val_top1_error" if plateau.metric == "val_error" else "train_top1_error"]
+        if plateau.update(trainer.step, error):
+            lr = trainer.schedule.lr_at(trainer.step, trainer.warmup.done_at_step, plateau.decay_steps)
+            row["lr_decayed_to"] = lr * trainer.lr_scale
 
     def _update_best(self, row: dict) -> None:
         error = row.get("val_top1_error")
@@ -425,6 +437,18 @@ class Session:
         print(f"epoch {row['epoch']}/{self.data.num_epochs}  step {row['step']}  train loss {row['train_loss']:.4f} "
               f"err {row['train_top1_error']:.2%}{val}  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  "
               f"{row['epoch_seconds']:.1f}s", flush=True)
+        if "lr_decayed_to" in row:
+            print(f"the {self.config.schedule.plateau.metric.replace('_', ' ')} plateaued: "
+                  f"lr {row['lr_decayed_to']:.4g} from step {row['step']}", flush=True)
+
+
+def _checked_plateau(config: RunConfig, data: TrainData) -> TrainData:
+    """A plateau schedule on the validation error needs a validation split."""
+    schedule = config.schedule
+    if schedule.kind == "plateau" and schedule.plateau.metric == "val_error" and not data.splits.val:
+        raise ConfigError("invalid value for 'schedule.plateau.metric': val_error needs a validation split "
+                          "(data.val_size > 0, or a val folder); use train_error or hold out images")
+    return data
 
 
 @contextlib.contextmanager

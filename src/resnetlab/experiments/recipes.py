@@ -79,18 +79,35 @@ register(Recipe(
      "runtime": {"precision": "auto"}},
 ))
 
+_PAPER_IMAGENET = {
+    "model": {"name": "resnet50"},
+    "data": {"pipeline": "imagenet", "normalization": "per_pixel", "image_size": 224, "scale_range": [256, 480],
+             "eval_resize": 256, "color_pca": 0.1, "flip": True, "download": False},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+    "schedule": {"kind": "multistep", "milestones": [30, 60], "unit": "epochs", "gamma": 0.1},
+    "train": {"epochs": 90, "steps": None, "batch_size": 256, "eval_batch_size": 256},
+}
+
 register(Recipe(
     "he2016-imagenet",
     "the paper's ImageNet recipe for ResNet-50 (--model for 18-152): SGD m0.9, wd 1e-4, lr 0.1, batch 256, "
     "/10 at epochs 30 and 60, 90 epochs; scale augmentation [256, 480], 224 crops, PCA colour noise",
     "He et al. 2015, section 3.4 (lr /10 'when the error plateaus', up to 60e4 iterations); the fixed epochs "
-    "30/60/90 are the Torch reproduction's (seed 000, fb.resnet.torch); data.dir/train/<class>/<image>",
-    {"model": {"name": "resnet50"},
-     "data": {"pipeline": "imagenet", "normalization": "per_pixel", "image_size": 224, "scale_range": [256, 480],
-              "eval_resize": 256, "color_pca": 0.1, "flip": True, "download": False},
-     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
-     "schedule": {"kind": "multistep", "milestones": [30, 60], "unit": "epochs", "gamma": 0.1},
-     "train": {"epochs": 90, "steps": None, "batch_size": 256, "eval_batch_size": 256}},
+    "30/60/90 are the Torch reproduction's (seed 000, fb.resnet.torch); data.dir/train/<class>/<image>. "
+    "The paper's plateau rule: recipe he2016-imagenet-plateau, or --set schedule.kind=plateau",
+    _PAPER_IMAGENET,
+))
+
+register(Recipe(
+    "he2016-imagenet-plateau",
+    "he2016-imagenet with the paper's rule: lr /10 once the validation error has not improved by 0.1 point "
+    "for more than 5 epochs (patience and threshold are ours), stop at 60e4 iterations",
+    "He et al. 2015, section 3.4: 'the learning rate starts from 0.1 and is divided by 10 when the error "
+    "plateaus, and the models are trained for up to 60 x 10^4 iterations'",
+    {**_PAPER_IMAGENET,
+     "schedule": {"kind": "plateau", "gamma": 0.1,
+                  "plateau": {"metric": "val_error", "patience": 5, "threshold": 0.001, "cooldown": 0}},
+     "train": {**_PAPER_IMAGENET["train"], "epochs": None, "steps": 600000}},
 ))
 
 DEFAULT_RECIPE = "fast-cifar"  # what `resnetlab train` and `make train` use when no recipe is named
