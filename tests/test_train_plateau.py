@@ -3,6 +3,7 @@ drops from the next step on, resume continues identically, and val_error without
 one-line config error."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -38,6 +39,9 @@ def test_a_stalled_error_decays_the_lr_from_the_next_step(synthetic, tmp_path, m
     assert sorted(lr_by_step) == list(range(1, 21))
     assert [lr_by_step[s] for s in range(1, 16)] == [pytest.approx(0.05)] * 15
     assert [lr_by_step[s] for s in range(16, 21)] == [pytest.approx(0.005)] * 5
+    with (result.run_dir / "metrics.csv").open() as handle:  # the spreadsheet shows the decision too
+        decided = [r["lr_decayed_to"] for r in csv.DictReader(handle) if r["kind"] == "epoch"]
+    assert decided[:2] == ["", ""] and float(decided[2]) == pytest.approx(0.005) and decided[3] == ""
     state = json.loads((result.run_dir / "checkpoints" / "state.json").read_text())
     assert state["plateau"]["decay_steps"] == [15] and state["plateau"]["bad_epochs"] == 1
 

@@ -14,7 +14,7 @@ from resnetlab.errors import ResnetlabError
 
 COLUMNS = (
     "kind", "epoch", "step", "train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error",
-    "lr", "epoch_seconds", "images_per_s", "wall_seconds",
+    "lr", "epoch_seconds", "images_per_s", "wall_seconds", "lr_decayed_to",  # the last: a plateau decision
 )
 TIMING_COLUMNS = ("epoch_seconds", "images_per_s", "wall_seconds")
 
