@@ -88,3 +88,19 @@ def test_two_gloo_processes_decay_as_one_process(tmp_path):
     lrs_one, lrs_two = ([row["lr"] for row in rows(run, "step")] for run in (one.run_dir, tmp_path / "two"))
     assert lrs_two == lrs_one == [pytest.approx(0.05)] * 8 + [pytest.approx(0.005)] * 4
     assert launched.stdout.count("plateaued: lr 0.005 from step 8") == 1  # printed by rank 0 only
+
+
+def test_curves_mark_each_plateau_decision(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from resnetlab.artifacts.plots import plot_curves
+
+    marked, axvline = [], Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda ax, x, *a, **k: marked.append(x) or axvline(ax, x, *a, **k))
+    epoch = {"kind": "epoch", "train_top1_error": 0.5, "val_top1_error": 0.4, "train_loss": 1.0, "val_loss": 0.9}
+    rows = [{**epoch, "step": 10}, {**epoch, "step": 20, "lr_decayed_to": 0.01}, {**epoch, "step": 30}]
+    plot_curves(rows, tmp_path / "curves.png")
+    assert marked == [20, 20] and (tmp_path / "curves.png").stat().st_size > 1000  # both panels, once each

@@ -10,6 +10,11 @@ def _series(rows: list[dict], kind: str, key: str) -> tuple[list[int], list[floa
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def plateau_decays(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, new lr) of every decision of the plateau schedule, from the epoch rows."""
+    return [(r["step"], r["lr_decayed_to"]) for r in rows if r.get("kind") == "epoch" and r.get("lr_decayed_to")]
+
+
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -34,6 +39,9 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
     ax_loss.plot(steps, val_loss, "-", color="C1", label="validation")
     ax_loss.set(xlabel="iterations", ylabel="cross-entropy", title="loss")
     for ax in (ax_err, ax_loss):
+        for number, (step, lr) in enumerate(plateau_decays(rows)):  # where the plateau schedule cut the lr
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1,
+                       label="lr decayed (plateau)" if number == 0 else None)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     if title:
