@@ -12,7 +12,6 @@ writes the run directory and prints.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 import json
@@ -31,12 +30,13 @@ from resnetlab.artifacts.checkpoint import read_tensors, save_checkpoint, save_t
 from resnetlab.artifacts.env import environment, git_patch
 from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
 from resnetlab.config import RunConfig, validate_config
-from resnetlab.engine.data import TrainData, evaluate_val, load_train_data
-from resnetlab.engine.distributed import (SINGLE, DistInfo, all_reduce_sum_, any_rank, average_bn_stats_,
-                                          broadcast_module_, on_main, process_group, together)
+from resnetlab.engine.data import TrainData, load_train_data
+from resnetlab.engine.distributed import (SINGLE, DistInfo, any_rank, average_bn_stats_, on_main, process_group,
+                                          together)
 from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
 from resnetlab.engine.runtime import use_threads
 from resnetlab.engine.state import load_training_state, training_state
+from resnetlab.engine.validation import validate
 from resnetlab.engine.setup import build_trainer, resolved_config
 from resnetlab.errors import ConfigError, DivergenceError, ResnetlabError
 
@@ -282,35 +282,10 @@ class Session:
 
     def _validate(self) -> dict:
         """Validation loss and top-1/top-5 error of the evaluated model (the EMA when it is on)."""
-        if self.dist.enabled:
-            return self._validate_sharded()
-        runtime = self.trainer.runtime
-        result = evaluate_val(self.data, self.trainer.eval_model, self.config, runtime.device, runtime.precision)
-        if result is None:
-            return {}
-        self.last_eval = {"val_loss": result.loss, "val_top1_error": result.top1_error,
-                          "val_top5_error": result.top5_error, "step": self.trainer.step}
-        return {"val_loss": result.loss, "val_top1_error": result.top1_error, "val_top5_error": result.top5_error}
-
-    def _validate_sharded(self) -> dict:
-        """With several processes every rank evaluates rank 0's weights on its own slice of the
-        validation set (sizes differ by at most one image; none is left out or counted twice), and
-        the sums are added up over the ranks."""
-        val, model, runtime = self.data.splits.val, self.trainer.eval_model, self.trainer.runtime
-        if val is None:
-            return {}
-        broadcast_module_(model, self.dist)  # without SyncBN the BN statistics differ per rank
-        part = torch.tensor_split(torch.arange(len(val)), self.dist.world_size)[self.dist.rank]
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 and top-5 errors times images; images
-        if len(part):
-            shard = dataclasses.replace(self.data, splits=dataclasses.replace(self.data.splits, val=val.subset(part)))
-            result = evaluate_val(shard, model, self.config, runtime.device, runtime.precision)
-            numbers = [result.loss, result.top1_error, result.top5_error, 1.0]
-            sums = torch.tensor(numbers, dtype=torch.float64) * len(part)
-        all_reduce_sum_(sums)
-        loss, top1, top5 = (sums[:3] / sums[3]).tolist()
-        self.last_eval = {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5, "step": self.trainer.step}
-        return {"val_loss": loss, "val_top1_error": top1, "val_top5_error": top5}
+        numbers = validate(self.data, self.trainer, self.config, self.dist)
+        if numbers:
+            self.last_eval = {**numbers, "step": self.trainer.step}
+        return numbers
 
     def _feed_plateau(self, row: dict) -> None:
         """Give a plateau schedule the epoch's error (global: summed over the ranks, so all decide
