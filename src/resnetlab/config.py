@@ -224,6 +224,9 @@ class RuntimeSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
+    # torch.compile's mode. "reduce-overhead" records CUDA graphs on CUDA (one launch per step instead
+    # of hundreds: what launch-bound small nets need); on the CPU it compiles as "default" does.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
 
     @field_validator("device")

@@ -21,7 +21,7 @@ def bench_run_config(cfg) -> RunConfig:
     runtime; "auto" values resolved for this machine."""
     changes = {"model.name": cfg.model, "train.batch_size": cfg.batch_size, "train.drop_last": True,
                "train.seed": cfg.seed, "runtime.device": cfg.device, "runtime.precision": cfg.precision,
-               "runtime.compile": cfg.compile}
+               "runtime.compile": cfg.compile, "runtime.compile_mode": cfg.compile_mode}
     if cfg.channels_last is not None:
         changes["runtime.channels_last"] = cfg.channels_last
     return resolved_config(RunConfig().replace(**changes))

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from resnetlab.bench.train_bench import PRECISIONS
+from resnetlab.cli.train_cmd import COMPILE_MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="auto: bf16 where the CPU/GPU computes it natively, else fp32 (default: auto)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format (default: what `resnetlab train` uses on this device)")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model (compile time is reported separately)")
+    train.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                       help="torch.compile the model (compile time is reported separately); MODE is "
+                            "torch.compile's (default: default; reduce-overhead records CUDA graphs on CUDA)")
     train.add_argument("--baseline", action="store_true",
                        help="also measure the standard recipe (fp32, NCHW, per-sample transforms in a "
                             "DataLoader with 2 workers, eager) and print the speed-up")
@@ -64,8 +66,8 @@ def run_train(args: argparse.Namespace) -> int:
     from resnetlab.bench.train_bench import BenchConfig
 
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
-                      precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-                      device=args.device, threads=args.threads, retry_seconds=args.retry_seconds)
+                      precision=args.precision, channels_last=args.channels_last, compile=args.compile is not None,
+                      compile_mode=args.compile or "default", device=args.device, threads=args.threads, retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -5,6 +5,8 @@ import sys
 
 from resnetlab.errors import ResnetlabError
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 # Flags that describe a new run; with --resume the run's own config.json decides them.
 CONFIG_FLAGS = ("model", "recipe", "recipe_file", "data_dir", "out", "epochs", "seed", "val_size", "device",
                 "precision", "compile", "overrides", "checkpoint_every", "skip_bad_images")
@@ -28,7 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set (0: none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the model; MODE is torch.compile's (default: default; "
+                             "reduce-overhead records CUDA graphs on CUDA)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.05 --set schedule.milestones=[80,160]")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
@@ -71,7 +75,8 @@ def config_from_args(args):
     flags = {
         "model.name": args.model, "data.dir": args.data_dir, "out": args.out, "train.seed": args.seed,
         "data.val_size": args.val_size, "runtime.device": args.device, "runtime.precision": args.precision,
-        "runtime.compile": args.compile, "train.checkpoint_every_steps": args.checkpoint_every,
+        "runtime.compile": True if args.compile else None, "runtime.compile_mode": args.compile,
+        "train.checkpoint_every_steps": args.checkpoint_every,
         "data.skip_bad_images": args.skip_bad_images,
     }  # fmt: skip
     recipe = args.recipe or (None if args.recipe_file else DEFAULT_RECIPE)

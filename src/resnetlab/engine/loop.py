@@ -111,6 +111,10 @@ class Trainer:
         batches = [(x, y), *more]
         images = sum(len(labels) for _, labels in batches)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.runtime.cuda_graphs:
+            # A new iteration: the CUDA graphs may reuse the previous step's output memory (the
+            # meters have already summed what they need of it, on the device).
+            torch.compiler.cudagraph_mark_step_begin()
         errors = [self._micro_step(*batch, len(batch[1]) / images, sync=i == len(batches) - 1)
                   for i, batch in enumerate(batches)]
         self.scaler.step(self.optimizer)

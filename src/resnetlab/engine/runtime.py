@@ -26,6 +26,16 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     compile: bool
+    compile_mode: str = "default"  # torch.compile's mode, when compile is on
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch.compile records CUDA graphs (its "reduce-overhead" and "max-autotune"
+        modes do, on CUDA only)."""
+        return self.compile and self.device.type == "cuda" and self.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module, mode=self.compile_mode)
 
     def autocast(self):
         """The forward-pass context: autocast to bf16/fp16, or nothing for exact fp32."""
@@ -43,11 +53,12 @@ class Runtime:
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return model, (torch.compile(model) if self.compile else model)
+        return model, (self.compiled(model) if self.compile else model)
 
     def describe(self) -> dict:
         return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.precision,
-                "channels_last": self.channels_last, "compile": self.compile, "threads": torch.get_num_threads()}
+                "channels_last": self.channels_last, "compile": self.compile,
+                "compile_mode": self.compile_mode if self.compile else None, "threads": torch.get_num_threads()}
 
 
 def resolve_runtime(cfg: RuntimeSection) -> Runtime:
@@ -56,7 +67,7 @@ def resolve_runtime(cfg: RuntimeSection) -> Runtime:
     # faster in both CPU precisions measured (see resolve_precision), and on an H100 too: ResNet-20
     # fp32 18,203 images/s channels_last vs 13,918 NCHW (benchmarks/RESULTS-cuda.md)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
-    return Runtime(device, precision, channels_last, cfg.compile)
+    return Runtime(device, precision, channels_last, cfg.compile, cfg.compile_mode)
 
 
 @contextlib.contextmanager

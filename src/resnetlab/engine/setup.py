@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from resnetlab.config import OptimSection, RunConfig
 from resnetlab.engine.bn import bn_layers
 from resnetlab.engine.data import TrainData
@@ -45,7 +43,7 @@ def build_trainer(config: RunConfig, data: TrainData, dist: DistInfo = SINGLE) -
     ddp = None
     if dist.enabled:
         ddp = wrap_ddp(model, runtime.device)
-        forward = torch.compile(ddp) if runtime.compile else ddp
+        forward = runtime.compiled(ddp) if runtime.compile else ddp
     optimizer = build_optimizer(model, config.optim)
     schedule = Schedule(config.schedule, config.optim.lr, data.total_steps, data.steps_per_epoch)
     ema = EMA(model, config.train.ema_decay) if config.train.ema_decay else None

@@ -1,0 +1,87 @@
+"""torch.compile in training: the compiled step trains like the eager one, checkpoints keep plain
+keys, and the compile mode (CUDA graphs on CUDA) is chosen by config and CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from trainkit import tiny_config, write_synthetic_cifar10
+
+from resnetlab.artifacts.checkpoint import read_checkpoint
+from resnetlab.cli import main as cli_main
+from resnetlab.config import validate_config
+from resnetlab.engine.runtime import Runtime
+from resnetlab.engine.train import train
+from resnetlab.errors import ConfigError
+
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_cifar10(tmp_path_factory.mktemp("synthetic"), n_train=200)
+
+
+def _one_epoch(synthetic, out, **runtime):
+    config = tiny_config(synthetic, out, **{"train.epochs": 1, "data.val_size": 40})
+    config["runtime"].update(runtime)
+    return train(validate_config(config), progress="none")
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_run_trains_like_the_eager_run(synthetic, tmp_path, mode):
+    eager = _one_epoch(synthetic, tmp_path / "eager")
+    compiled = _one_epoch(synthetic, tmp_path / "compiled", compile=True, compile_mode=mode)
+    # Same seed, data and schedule; inductor fuses and reorders float arithmetic, so close, not equal.
+    assert compiled.summary["final"]["train_loss"] == pytest.approx(eager.summary["final"]["train_loss"], rel=1e-3)
+    assert compiled.summary["final"]["val_loss"] == pytest.approx(eager.summary["final"]["val_loss"], rel=1e-3)
+    tensors, _ = read_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.safetensors")
+    assert not any("_orig_mod" in key for key in tensors)  # loadable by an eager model
+    saved = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert saved["runtime"]["compile"] is True and saved["runtime"]["compile_mode"] == mode
+
+
+def test_cuda_graphs_only_when_compiled_on_cuda_in_a_graph_mode():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
+    assert Runtime(cuda, "fp32", True, True, "reduce-overhead").cuda_graphs
+    assert Runtime(cuda, "fp32", True, True, "max-autotune").cuda_graphs
+    assert not Runtime(cuda, "fp32", True, True, "default").cuda_graphs
+    assert not Runtime(cuda, "fp32", True, True, "max-autotune-no-cudagraphs").cuda_graphs
+    assert not Runtime(cuda, "fp32", True, False, "reduce-overhead").cuda_graphs
+    assert not Runtime(cpu, "bf16", True, True, "reduce-overhead").cuda_graphs
+
+
+def test_an_unknown_compile_mode_is_a_config_error(synthetic, tmp_path):
+    config = tiny_config(synthetic, tmp_path / "run")
+    config["runtime"]["compile_mode"] = "fastest"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        validate_config(config)
+
+
+def test_the_train_flag_sets_compile_and_its_mode(monkeypatch):
+    from resnetlab.cli import train_cmd
+
+    seen = {}
+    monkeypatch.setattr("resnetlab.engine.train.train", lambda config, progress: seen.setdefault("config", config))
+    monkeypatch.setattr(train_cmd, "result_line", lambda result: "")
+    assert cli_main(["train", "--out", "unused", "--compile", "reduce-overhead"]) == 0
+    assert seen["config"].runtime.compile is True and seen["config"].runtime.compile_mode == "reduce-overhead"
+    seen.clear()
+    assert cli_main(["train", "--out", "unused", "--compile"]) == 0
+    assert seen["config"].runtime.compile is True and seen["config"].runtime.compile_mode == "default"
+    seen.clear()
+    assert cli_main(["train", "--out", "unused"]) == 0
+    assert seen["config"].runtime.compile is False
+
+
+def test_an_unknown_compile_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["train", "--out", "unused", "--compile", "fastest"])
+    assert stop.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
