@@ -49,6 +49,13 @@ def test_json_has_the_five_keys_and_matches_evaluate(capsys, test_only_data, che
     expected = evaluate(model, test.images, test.labels, Normalizer.from_dict(metadata["normalization"]))
     assert summary == pytest.approx(expected.summary())
 
+    code, out, err = run_cli(capsys, "eval", checkpoint_file, "--data-dir", test_only_data, "--json", "--device", "cpu",
+                             "--tta", "flip-shift")
+    assert code == 0, err
+    shifted = evaluate(model, test.images, test.labels, Normalizer.from_dict(metadata["normalization"]), tta="flip-shift")
+    assert json.loads(out) == pytest.approx(shifted.summary())
+    assert shifted.loss != pytest.approx(expected.loss)
+
 
 def test_run_dir_gets_confusion_png_and_per_class_table(capsys, test_only_data, run_dir):
     code, out, err = run_cli(capsys, "eval", run_dir, "--data-dir", test_only_data, "--tta", "flip", "--batch-size", "8")

@@ -137,3 +137,31 @@ def test_flip_tta_averages_logits_of_image_and_mirror():
     x = torch.randn(2, 3, 4, 4)
     expected = (model(x) + model(x.flip(3))) / 2
     assert torch.allclose(augment.flip_tta_logits(model, x), expected)
+
+
+def test_shift_moves_the_content_and_fills_zeros():
+    x = torch.arange(1, 26, dtype=torch.float32).view(1, 1, 5, 5)
+    down_right = augment.shift(x, 1, 1)
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])
+    assert not down_right[..., 0, :].any() and not down_right[..., :, 0].any()
+    up_left = augment.shift(x, -1, 2)
+    assert torch.equal(up_left[..., :-1, 2:], x[..., 1:, :-2])
+    assert not up_left[..., -1, :].any() and not up_left[..., :, :2].any()
+    assert augment.shift(x, 0, 0) is x
+
+
+def test_flip_shift_tta_averages_ten_distinct_views():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
+    x = torch.randn(3, 3, 6, 6)
+    views = []
+    for image in (x, x.flip(3)):
+        for rows, cols in ((0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)):
+            padded = torch.nn.functional.pad(image, (1, 1, 1, 1))
+            views.append(padded[..., 1 - rows : 7 - rows, 1 - cols : 7 - cols])
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 10
+    expected = torch.stack([model(v) for v in views]).mean(dim=0)
+    assert torch.allclose(augment.flip_shift_tta_logits(model, x), expected, atol=1e-6)
+    assert torch.allclose(augment.tta_logits(model, x, "flip-shift"), expected, atol=1e-6)
+    assert torch.allclose(augment.tta_logits(model, x, "flip"), augment.flip_tta_logits(model, x))
+    assert torch.equal(augment.tta_logits(model, x, "none"), model(x))

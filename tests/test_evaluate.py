@@ -189,3 +189,19 @@ def test_cuda_evaluation_syncs_the_same_for_one_batch_or_many():
     assert torch.equal(one_batch.confusion, many_batches.confusion)
     reference = evaluate(model.cpu(), images, labels, to_float, tta="flip")
     assert one_batch.loss == pytest.approx(reference.loss, abs=0.05)
+
+
+def test_flip_shift_tta_is_used_by_evaluate():
+    torch.manual_seed(3)
+    model = Asymmetric()
+    model.eval()
+    images = torch.randint(0, 256, (11, 3, 5, 5), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (11,))
+    from resnetlab.data.augment import flip_shift_tta_logits
+
+    with torch.no_grad():
+        average = flip_shift_tta_logits(model, to_float(images))
+    result = evaluate(model, images, labels, to_float, tta="flip-shift", batch_size=4)
+    assert result.loss == pytest.approx(F.cross_entropy(average, labels).item(), rel=1e-5)
+    flip = evaluate(model, images, labels, to_float, tta="flip")
+    assert flip.loss != pytest.approx(result.loss)

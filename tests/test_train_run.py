@@ -129,9 +129,9 @@ def test_without_a_validation_split_there_is_no_best_and_flip_tta_is_accepted(sy
     assert not (result.run_dir / "checkpoints" / "best.safetensors").exists()
     _, metadata = read_checkpoint(result.run_dir / "checkpoints" / "last.safetensors")
     assert metadata["data"]["val_size"] == 0
-    flip = train(tiny_config(synthetic, tmp_path / "flip", **{"train.eval_tta": "flip", "train.epochs": 1}),
-                 progress="none")
-    assert 0 <= flip.final_val_error <= 1
+    for tta in ("flip", "flip-shift"):
+        run = train(tiny_config(synthetic, tmp_path / tta, **{"train.eval_tta": tta, "train.epochs": 1}), progress="none")
+        assert 0 <= run.final_val_error <= 1
 
 
 def test_the_package_exports_train_and_the_config():

@@ -207,7 +207,7 @@ class TrainSection(_Section):
     log_every_steps: int = Field(default=50, ge=1)
     checkpoint_every_steps: int | None = Field(default=None, ge=1)  # besides every epoch
     eval_batch_size: int = Field(default=512, ge=1)
-    eval_tta: Literal["none", "flip"] = "none"
+    eval_tta: Literal["none", "flip", "flip-shift"] = "none"  # flip-shift: 10 views (data.augment)
 
     @model_validator(mode="after")
     def _has_budget(self) -> "TrainSection":

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.augment import flip_tta_logits
+from resnetlab.data.augment import tta_logits
 from resnetlab.errors import DataError, ResnetlabError
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "flip-shift")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TOPK = (1, 3, 5)
 
@@ -100,7 +100,8 @@ def evaluate(
     `normalizer` maps a uint8 batch on the device to the float input of the model. `device=None`
     uses the model's device; otherwise the model is moved there. The model is put in eval mode for
     the call and its previous mode restored. `tta="flip"` averages the *logits* of each image and of
-    its horizontal mirror; ranks and the cross-entropy loss are taken from that average.
+    its horizontal mirror, `"flip-shift"` of 10 views (those two, each also shifted one pixel along
+    the four diagonals); ranks and the cross-entropy loss are taken from that average.
     `precision` "bf16"/"fp16" runs the forward pass under autocast; metrics are computed in fp32.
     """
     if tta not in TTA_MODES:
@@ -129,7 +130,7 @@ def evaluate(
             x = normalizer(images[start : start + batch_size])
             y = labels[start : start + batch_size]
             with autocast_context(device, precision):
-                logits = (flip_tta_logits(model, x) if tta == "flip" else model(x)).float()
+                logits = tta_logits(model, x, tta).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += topk_correct(logits, y, topk)
             # scatter_add_ instead of bincount: CUDA bincount reads the max back to the host.

@@ -15,14 +15,14 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.augment import flip_tta_logits
+from resnetlab.data.augment import tta_logits
 from resnetlab.data.imagenet import (EvalTransform, FolderDataset, FolderSplit, _collate_lists, data_loader,
                                      normalize_any_size, worker_batches)
 from resnetlab.data.normalize import Normalizer
 from resnetlab.errors import DataError, ResnetlabError
 from resnetlab.evaluate import DEFAULT_TOPK, EvalResult, autocast_context, topk_correct
 
-STREAM_TTA_MODES = ("none", "flip", "10crop", "multiscale")
+STREAM_TTA_MODES = ("none", "flip", "flip-shift", "10crop", "multiscale")
 
 
 def crop_scores(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
@@ -113,4 +113,4 @@ def _scores(model, views, normalizer: Normalizer, tta: str, device) -> tuple[tor
         crops = normalizer(x.flatten(0, 1)).unflatten(0, (n, k))
         return crop_scores(model, crops), True
     x = normalizer(x)
-    return (flip_tta_logits(model, x) if tta == "flip" else model(x)).float(), False
+    return tta_logits(model, x, tta).float(), False

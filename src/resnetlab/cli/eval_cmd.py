@@ -21,8 +21,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-dir", required=True, type=Path, help="data set root (e.g. holding test/<class>/)")
     parser.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test if the data has one, else val)")
     parser.add_argument(
-        "--tta", choices=("none", "flip", "10crop", "multiscale"), default="none",
-        help="flip: average the logits of each image and its mirror; 10crop / multiscale (imagenet-pipeline "
+        "--tta", choices=("none", "flip", "flip-shift", "10crop", "multiscale"), default="none",
+        help="flip: average the logits of each image and its mirror; flip-shift: of 10 views (the image and "
+             "its mirror, each also shifted by one pixel along the 4 diagonals, zero fill); 10crop / multiscale (imagenet-pipeline "
              "checkpoints): average the softmax of 4 corner + centre crops and their mirrors / of the whole image "
              "at each --scales side and its mirror (He et al. 2015, section 3.4)",
     )  # fmt: skip

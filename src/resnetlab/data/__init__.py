@@ -8,6 +8,7 @@ import importlib
 _EXPORTS = {
     "AugmentSpec": "resnetlab.data.augment",
     "flip_tta_logits": "resnetlab.data.augment",
+    "tta_logits": "resnetlab.data.augment",
     "DataSplits": "resnetlab.data.dataset",
     "ImageSet": "resnetlab.data.dataset",
     "Source": "resnetlab.data.load",

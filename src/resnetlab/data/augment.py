@@ -119,3 +119,36 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
 def flip_tta_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Test-time flip augmentation: the mean of the logits for x and its mirror image."""
     return (model(x) + model(x.flip(3))) / 2
+
+
+# (rows, columns) of the flip-shift views: the image itself and its four diagonal 1-pixel shifts.
+# Measured on fast-cifar ResNet-20 (30 epochs, JPEG val split): diagonal shifts of 1 or 2 pixels,
+# 3 or 5 positions, all gave 88.3-88.4 % with flips vs 87.6 % for flip alone; zero fill beat
+# reflection (the training crops are zero-padded).
+SHIFT_TTA_OFFSETS = ((0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shift(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """x translated by (rows, cols) pixels, the uncovered border zero: a view the zero-padded
+    random crops of training also produce (zero is the mean colour after normalisation)."""
+    pad = max(abs(rows), abs(cols))
+    if pad == 0:
+        return x
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    return padded[..., pad - rows : pad - rows + height, pad - cols : pad - cols + width]
+
+
+def flip_shift_tta_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation over 10 views: x and its mirror, each at the SHIFT_TTA_OFFSETS."""
+    views = [shift(image, rows, cols) for image in (x, x.flip(3)) for rows, cols in SHIFT_TTA_OFFSETS]
+    return torch.stack([model(view) for view in views]).mean(dim=0)
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The logits of a batch under test-time augmentation `tta`: none, flip or flip-shift."""
+    if tta == "flip":
+        return flip_tta_logits(model, x)
+    if tta == "flip-shift":
+        return flip_shift_tta_logits(model, x)
+    return model(x)
