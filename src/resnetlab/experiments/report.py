@@ -153,7 +153,8 @@ def _machine_statements(meta: dict, rows: list[RunRow]) -> list[str]:
     if runtime.get("channels_last"):
         settings.append("channels_last")
     if runtime.get("compile"):
-        settings.append("torch.compile")
+        mode = runtime.get("compile_mode") or "default"
+        settings.append("torch.compile" + ("" if mode == "default" else f" ({mode})"))
     items.append(f"Trained on: {device} ({', '.join(settings)}); `wall_s` in runs.csv is each run's own wall "
                  "time, with the sweep's other runs sharing the machine when --jobs > 1.")
     return items
