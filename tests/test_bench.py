@@ -106,6 +106,20 @@ def test_cli_json(fake_peak, capsys):
     assert list(out) == ["resnetlab"] and set(out["resnetlab"]) == set(SUMMARY_KEYS)
 
 
+def test_cli_compile_flag_reaches_the_engine_config(monkeypatch, capsys):
+    from resnetlab.bench import report
+    from resnetlab.bench.engine_step import bench_run_config
+
+    seen = []
+    monkeypatch.setattr(report, "compare", lambda cfg, **kwargs: seen.append(cfg) or Comparison(None, None))
+    monkeypatch.setattr(Comparison, "text", lambda self: "")
+    for flags, mode in ((["--compile", "reduce-overhead"], "reduce-overhead"), (["--compile"], "default"), ([], None)):
+        assert main(["bench", "train", "--model", "resnet8", *flags]) == 0
+        runtime = bench_run_config(seen[-1]).runtime
+        assert runtime.compile is (mode is not None)
+        assert runtime.compile_mode == (mode or "default")
+
+
 def test_random_crop_is_a_window_of_the_zero_padded_image():
     image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
     padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
