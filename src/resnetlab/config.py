@@ -219,6 +219,9 @@ class TrainSection(_Section):
         return self
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 class RuntimeSection(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -226,7 +229,7 @@ class RuntimeSection(_Section):
     compile: bool = False
     # torch.compile's mode. "reduce-overhead" records CUDA graphs on CUDA (one launch per step instead
     # of hundreds: what launch-bound small nets need); on the CPU it compiles as "default" does.
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: Literal[COMPILE_MODES] = "default"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
 
     @field_validator("device")

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from resnetlab.bench.train_bench import PRECISIONS
-from resnetlab.cli.train_cmd import COMPILE_MODES
+from resnetlab.config import COMPILE_MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from resnetlab.config import COMPILE_MODES
 from resnetlab.errors import ResnetlabError
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # Flags that describe a new run; with --resume the run's own config.json decides them.
 CONFIG_FLAGS = ("model", "recipe", "recipe_file", "data_dir", "out", "epochs", "seed", "val_size", "device",
