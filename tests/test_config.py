@@ -62,6 +62,7 @@ def test_unknown_key_is_one_line_naming_the_dotted_key(item, expected):
     ("model.options.colour=red", "model.options"),
     ("model.name=resnet21", "model.name"),
     ("schedule.warmup.kind=constant", "schedule.warmup"),
+    ("data.flip_mode=sometimes", "data.flip_mode"),
 ])
 def test_invalid_value_is_one_line_naming_the_key(item, key):
     with pytest.raises(ConfigError) as error:
@@ -137,3 +138,13 @@ def test_boolean_for_a_number_is_a_config_error(override):
 @pytest.mark.parametrize("override", ["data.flip=false", "runtime.channels_last=true", "optim.nesterov=true"])
 def test_boolean_fields_still_take_booleans(override):
     build_config(overrides=[override])
+
+
+def test_alternating_flips_reach_the_loader_and_need_the_cifar_pipeline():
+    from resnetlab.engine.data import augment_spec
+
+    assert augment_spec(build_config(overrides=["data.flip_mode=alternate"])).flip_mode == "alternate"
+    assert augment_spec(build_config()).flip_mode == "random"
+    for conflict in ("data.pipeline=imagenet", "data.flip=false"):
+        with pytest.raises(ConfigError, match="flip_mode 'alternate'"):
+            build_config(overrides=["data.flip_mode=alternate", conflict])

@@ -127,6 +127,52 @@ def test_labels_follow_their_images_through_augmentation():
         assert torch.equal((x[:, :, 4, 4] * 255).round().long(), (y % 256)[:, None].expand(-1, 3))
 
 
+def mirrored_per_image(loader, number) -> torch.Tensor:
+    """Which images the loader mirrored in epoch `number`, by image index. The images are dark on
+    their left half, so a mirrored one is dark on its right half instead."""
+    loader.set_epoch(number)
+    mirrored = torch.zeros(len(loader.images), dtype=torch.bool)
+    for x, y in loader:
+        mirrored[y] = x[:, :, :, 4:].abs().sum((1, 2, 3)) == 0
+    return mirrored
+
+
+def left_dark_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randint(1, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    images[:, :, :, :4] = 0
+    return images, torch.arange(n)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    images, labels = left_dark_images(200)
+    spec = AugmentSpec(crop_padding=0, flip=True, flip_mode="alternate")
+    loader = InMemoryLoader(images, labels, batch_size=64, seed=5, augment=spec)
+    epochs = [mirrored_per_image(loader, number) for number in range(4)]
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0]) and torch.equal(epochs[3], ~epochs[0])
+    assert 60 < int(epochs[0].sum()) < 140  # the phase is drawn per image, about half start mirrored
+    other_seed = InMemoryLoader(images, labels, batch_size=64, seed=6, augment=spec)
+    assert not torch.equal(mirrored_per_image(other_seed, 0), epochs[0])
+    # random flips: epochs are independent, so some images keep their orientation from one to the next
+    random = InMemoryLoader(images, labels, batch_size=64, seed=5, augment=AugmentSpec(crop_padding=0, flip=True))
+    assert (mirrored_per_image(random, 0) == mirrored_per_image(random, 1)).any()
+
+
+def test_alternating_flip_phase_is_shared_by_all_ranks():
+    images, labels = left_dark_images(120)
+    spec = AugmentSpec(crop_padding=0, flip=True, flip_mode="alternate")
+    whole = mirrored_per_image(InMemoryLoader(images, labels, batch_size=16, seed=2, augment=spec), 3)
+    for rank in range(2):
+        shard = InMemoryLoader(images, labels, batch_size=16, seed=2, augment=spec, rank=rank, world_size=2)
+        shard.set_epoch(3)
+        for x, y in shard:
+            assert torch.equal(x[:, :, :, 4:].abs().sum((1, 2, 3)) == 0, whole[y])
+
+
+def test_unknown_flip_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="flip_mode"):
+        AugmentSpec(flip_mode="sometimes")
+
+
 def test_bad_loader_arguments_are_config_errors():
     images, labels = labelled_images(10)
     with pytest.raises(ConfigError):

@@ -59,6 +59,8 @@ class DataSection(_Section):
     crop_padding: int = Field(default=4, ge=0)
     padding_mode: Literal["zeros", "reflect"] = "zeros"
     flip: bool = True
+    # "random" (each epoch, probability 1/2) or "alternate" (every other epoch per image, cifar pipeline)
+    flip_mode: Literal["random", "alternate"] = "random"
     cutout: int = Field(default=0, ge=0)
     skip_bad_images: bool = False
     # Seeded random subsets, for tests and quick looks (None: everything).
@@ -82,6 +84,8 @@ class DataSection(_Section):
                              f"got {self.image_size}, {list(self.scale_range)}")
         if self.eval_resize < self.image_size:
             raise ValueError(f"eval_resize ({self.eval_resize}) must be at least image_size ({self.image_size})")
+        if self.flip_mode == "alternate" and (self.pipeline != "cifar" or not self.flip):
+            raise ValueError("flip_mode 'alternate' needs flip: true and the cifar pipeline")
         return self
 
 

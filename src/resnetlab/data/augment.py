@@ -2,6 +2,7 @@
 
 Every image draws its own crop offset, flip and cutout centre uniformly, exactly as the per-sample
 torchvision transforms do, but the batch is transformed by one gather instead of a Python loop.
+The flips may instead be given per image (`flip_mask`): the loader's alternating flips use that.
 Random numbers are drawn on the generator's device (CPU when none is given) and then moved, so a
 seeded CPU generator gives the same augmentation on any device.
 """
@@ -15,6 +16,10 @@ import torch.nn.functional as F
 from resnetlab.errors import ConfigError
 
 PADDING_MODES = ("zeros", "reflect")
+# "random": each image mirrored with probability 1/2 in every epoch. "alternate": mirrored in every other
+# epoch, the phase drawn once per image (Jordan 2024, airbench), so two consecutive epochs always show
+# both orientations -- less redundancy in short schedules. The loader turns it into a flip_mask.
+FLIP_MODES = ("random", "alternate")
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,11 @@ class AugmentSpec:
     padding_mode: str = "zeros"
     flip: bool = True
     cutout: int = 0  # side of the zeroed square; 0 = off (DeVries & Taylor 2017 use 16 on CIFAR-10)
+    flip_mode: str = "random"  # FLIP_MODES
 
     def __post_init__(self) -> None:
+        if self.flip_mode not in FLIP_MODES:
+            raise ConfigError(f"flip_mode must be one of {', '.join(FLIP_MODES)}, got {self.flip_mode!r}")
         if self.padding_mode not in PADDING_MODES:
             raise ConfigError(f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {self.padding_mode!r}")
         if self.crop_padding < 0 or self.cutout < 0:
@@ -71,21 +79,28 @@ def _gather_windows(padded: torch.Tensor, dy, dx, flip, h: int, w: int) -> torch
     return torch.take(padded, index)
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = _randint(2, x.shape[0], generator, x.device).bool()
+def random_flip(
+    x: torch.Tensor, generator: torch.Generator | None = None, flip_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2 (or where the boolean `flip_mask` is set)."""
+    flip = _randint(2, x.shape[0], generator, x.device).bool() if flip_mask is None else flip_mask.to(x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def random_crop_flip(
-    x: torch.Tensor, padding: int = 4, padding_mode: str = "zeros", generator: torch.Generator | None = None
+    x: torch.Tensor,
+    padding: int = 4,
+    padding_mode: str = "zeros",
+    generator: torch.Generator | None = None,
+    flip_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """random_crop then random_flip fused into one gather (same distribution, about half the time)."""
+    """random_crop then random_flip fused into one gather (same distribution, about half the time).
+    A given `flip_mask` replaces the random flips (and draws nothing for them)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect").contiguous()
     dy = _randint(2 * padding + 1, n, generator, x.device)
     dx = _randint(2 * padding + 1, n, generator, x.device)
-    flip = _randint(2, n, generator, x.device).bool()
+    flip = _randint(2, n, generator, x.device).bool() if flip_mask is None else flip_mask.to(x.device)
     return _gather_windows(padded, dy, dx, flip, h, w)
 
 
@@ -105,14 +120,17 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None)
     return x.masked_fill(hole, 0)
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply `spec` to a normalised float batch: pad-crop, flip, then cutout."""
+def augment_batch(
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None, flip_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply `spec` to a normalised float batch: pad-crop, flip, then cutout. `flip_mask` (one bool
+    per image) says which images to mirror instead of drawing it; it applies only when spec.flip."""
     if spec.crop_padding and spec.flip:
-        x = random_crop_flip(x, spec.crop_padding, spec.padding_mode, generator)
+        x = random_crop_flip(x, spec.crop_padding, spec.padding_mode, generator, flip_mask)
     elif spec.crop_padding:
         x = random_crop(x, spec.crop_padding, spec.padding_mode, generator)
     elif spec.flip:
-        x = random_flip(x, generator)
+        x = random_flip(x, generator, flip_mask)
     return cutout(x, spec.cutout, generator)
 
 

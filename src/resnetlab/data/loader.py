@@ -53,6 +53,11 @@ class InMemoryLoader:
         self.normalizer, self.augment = normalizer, augment
         self.dtype, self.channels_last = dtype, channels_last
         self.rank, self.world_size = rank, world_size
+        self.flip_phase = None
+        if augment is not None and augment.flip and augment.flip_mode == "alternate":
+            # drawn once per image from the seed alone: the same on every rank and every epoch
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, 0x666C6970))
+            self.flip_phase = torch.randint(0, 2, (len(images),), generator=generator, dtype=torch.bool).to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,12 +87,19 @@ class InMemoryLoader:
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch, self.rank, 1))
         for batch in range(len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield self._prepare(self.images[index], generator), self.labels[index]
+            yield self._prepare(self.images[index], generator, self.flip_mask(index)), self.labels[index]
 
-    def _prepare(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def flip_mask(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Alternating flips: image i is mirrored in this epoch iff its phase differs from the epoch's
+        parity. None with random flips (the augmentation draws them)."""
+        if self.flip_phase is None:
+            return None
+        return self.flip_phase[index] ^ bool(self.epoch % 2)
+
+    def _prepare(self, images: torch.Tensor, generator: torch.Generator, flip_mask: torch.Tensor | None) -> torch.Tensor:
         # normalise first, then pad: zero padding then equals the mean, as in the paper
         x = self.normalizer(images) if self.normalizer is not None else images.float().div_(255)
         if self.augment is not None:
-            x = augment_batch(x, self.augment, generator)
+            x = augment_batch(x, self.augment, generator, flip_mask)
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -143,7 +143,8 @@ def augment_spec(config: RunConfig) -> AugmentSpec | None:
     cfg = config.data
     if not (cfg.crop_padding or cfg.flip or cfg.cutout):
         return None
-    return AugmentSpec(crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode, flip=cfg.flip, cutout=cfg.cutout)
+    return AugmentSpec(crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode, flip=cfg.flip, cutout=cfg.cutout,
+                       flip_mode=cfg.flip_mode)
 
 
 def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
