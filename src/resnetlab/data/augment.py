@@ -79,11 +79,16 @@ def _gather_windows(padded: torch.Tensor, dy, dx, flip, h: int, w: int) -> torch
     return torch.take(padded, index)
 
 
+def _flips(n: int, generator: torch.Generator | None, device: torch.device, flip_mask: torch.Tensor | None):
+    """Which of n images to mirror: the given mask, else a fair coin per image."""
+    return _randint(2, n, generator, device).bool() if flip_mask is None else flip_mask.to(device)
+
+
 def random_flip(
     x: torch.Tensor, generator: torch.Generator | None = None, flip_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2 (or where the boolean `flip_mask` is set)."""
-    flip = _randint(2, x.shape[0], generator, x.device).bool() if flip_mask is None else flip_mask.to(x.device)
+    flip = _flips(x.shape[0], generator, x.device, flip_mask)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -100,7 +105,7 @@ def random_crop_flip(
     padded = F.pad(x, (padding,) * 4, mode="constant" if padding_mode == "zeros" else "reflect").contiguous()
     dy = _randint(2 * padding + 1, n, generator, x.device)
     dx = _randint(2 * padding + 1, n, generator, x.device)
-    flip = _randint(2, n, generator, x.device).bool() if flip_mask is None else flip_mask.to(x.device)
+    flip = _flips(n, generator, x.device, flip_mask)
     return _gather_windows(padded, dy, dx, flip, h, w)
 
 
