@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -11,6 +12,18 @@ import time
 import optuna
 
 from trainkit import write_synthetic_cifar10
+
+
+def completed_count_while_running(database: str) -> int:
+    """Polls the study's database read-only: loading it through optuna here would race the search process
+    creating its schema (CI saw "table study_directions already exists")."""
+    if not os.path.exists(database):
+        return 0
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet, or the database is locked mid-write
+        return 0
 
 
 def finished(storage: str) -> list[tuple]:
@@ -41,7 +54,7 @@ def test_rerun_after_sigkill_continues_the_study(tmp_path):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
-        while not finished(storage) and proc.poll() is None and time.monotonic() < deadline:
+        while not completed_count_while_running(str(out / "search.db")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be killed: " + proc.stderr.read().decode()
         os.kill(proc.pid, signal.SIGKILL)
