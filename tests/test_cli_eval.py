@@ -57,6 +57,23 @@ def test_json_has_the_five_keys_and_matches_evaluate(capsys, test_only_data, che
     assert shifted.loss != pytest.approx(expected.loss)
 
 
+def test_flip_shift_fills_as_the_checkpoint_was_trained_unless_told(capsys, tmp_path, test_only_data):
+    reflect = write_checkpoint(tmp_path / "reflect.safetensors", data={"padding_mode": "reflect"})
+    model, metadata = resnetlab.load(reflect)
+    test = load_dataset(test_only_data, need=("test",)).test
+    normalizer = Normalizer.from_dict(metadata["normalization"])
+    expected = {fill: evaluate(model, test.images, test.labels, normalizer, tta="flip-shift", shift_padding=fill).summary()
+                for fill in ("zeros", "reflect")}
+    assert expected["zeros"]["loss"] != pytest.approx(expected["reflect"]["loss"])
+    for option, fill in ((), "reflect"), (("--shift-padding", "zeros"), "zeros"):
+        code, out, err = run_cli(capsys, "eval", reflect, "--data-dir", test_only_data, "--json", "--device", "cpu",
+                                 "--tta", "flip-shift", *option)
+        assert code == 0, err
+        assert json.loads(out) == pytest.approx(expected[fill])
+    code, out, err = run_cli(capsys, "eval", reflect, "--data-dir", test_only_data, "--device", "cpu", "--tta", "flip-shift")
+    assert code == 0 and "tta flip-shift (reflect fill)" in out
+
+
 def test_run_dir_gets_confusion_png_and_per_class_table(capsys, test_only_data, run_dir):
     code, out, err = run_cli(capsys, "eval", run_dir, "--data-dir", test_only_data, "--tta", "flip", "--batch-size", "8")
     assert code == 0, err

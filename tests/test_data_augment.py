@@ -150,6 +150,30 @@ def test_shift_moves_the_content_and_fills_zeros():
     assert augment.shift(x, 0, 0) is x
 
 
+def test_shift_with_reflect_fill_mirrors_the_border_like_reflect_padded_crops():
+    x = torch.arange(1, 26, dtype=torch.float32).view(1, 1, 5, 5)
+    down_right = augment.shift(x, 1, 1, "reflect")
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1])
+    assert torch.equal(down_right[..., 0, 1:], x[..., 1, :-1])  # row -1 of the image mirrors row 1
+    assert torch.equal(down_right[..., 1:, 0], x[..., :-1, 1])
+    assert torch.equal(down_right, torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., :5, :5])
+    assert not torch.equal(down_right, augment.shift(x, 1, 1))
+    with pytest.raises(ConfigError, match="padding_mode"):
+        augment.shift(x, 1, 1, "wrap")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_flip_shift_tta_fills_its_views_as_the_training_crops_were_padded(padding_mode):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))
+    x = torch.randn(2, 3, 6, 6)
+    mode = "constant" if padding_mode == "zeros" else "reflect"
+    views = [torch.nn.functional.pad(image, (1, 1, 1, 1), mode=mode)[..., 1 - r : 7 - r, 1 - c : 7 - c]
+             for image in (x, x.flip(3)) for r, c in augment.SHIFT_TTA_OFFSETS]
+    expected = torch.stack([model(v) for v in views]).mean(dim=0)
+    assert torch.allclose(augment.tta_logits(model, x, "flip-shift", padding_mode), expected, atol=1e-6)
+
+
 def test_flip_shift_tta_averages_ten_distinct_views():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 4))

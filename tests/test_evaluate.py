@@ -112,8 +112,8 @@ class Asymmetric(torch.nn.Module):
         return self.bn(self.linear(x.flatten(1)))
 
 
-@pytest.mark.parametrize("tta", ["flip", "flip-shift"])
-def test_tta_equals_manual_average_of_logits(tta):
+@pytest.mark.parametrize("tta,padding", [("flip", "zeros"), ("flip-shift", "zeros"), ("flip-shift", "reflect")])
+def test_tta_equals_manual_average_of_logits(tta, padding):
     from resnetlab.data.augment import SHIFT_TTA_OFFSETS, shift
 
     torch.manual_seed(2)
@@ -124,14 +124,20 @@ def test_tta_equals_manual_average_of_logits(tta):
     offsets = SHIFT_TTA_OFFSETS if tta == "flip-shift" else ((0, 0),)
     with torch.no_grad():
         x = to_float(images)
-        average = torch.stack([model(shift(v, r, c)) for v in (x, x.flip(3)) for r, c in offsets]).mean(dim=0)
-    result = evaluate(model, images, labels, to_float, tta=tta, batch_size=5)
+        average = torch.stack([model(shift(v, r, c, padding)) for v in (x, x.flip(3)) for r, c in offsets]).mean(dim=0)
+    result = evaluate(model, images, labels, to_float, tta=tta, shift_padding=padding, batch_size=5)
     assert result.loss == pytest.approx(F.cross_entropy(average, labels).item(), rel=1e-5)
     for k in (1, 3, 5):
         expected = 1 - topk_correct(average, labels, (k,)).item() / 17
         assert result.topk_errors[k] == pytest.approx(expected)
     plain = evaluate(model, images, labels, to_float, tta="none")
     assert plain.loss != pytest.approx(result.loss)
+
+
+def test_an_unknown_shift_padding_is_a_clear_error():
+    images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    with pytest.raises(ResnetlabError, match="shift_padding must be one of zeros, reflect"):
+        evaluate(Asymmetric(), images, torch.zeros(4, dtype=torch.int64), to_float, tta="flip-shift", shift_padding="wrap")
 
 
 def test_model_mode_is_restored_and_bf16_autocast_runs():

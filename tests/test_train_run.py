@@ -134,6 +134,19 @@ def test_without_a_validation_split_there_is_no_best_and_flip_tta_is_accepted(sy
         assert 0 <= run.final_val_error <= 1
 
 
+def test_flip_shift_validation_fills_as_the_crops_were_padded_and_the_checkpoint_says_how(synthetic, tmp_path):
+    settings = {"train.eval_tta": "flip-shift", "train.epochs": 1, "data.padding_mode": "reflect"}
+    run = train(tiny_config(synthetic, tmp_path / "run", **settings), progress="none")
+    model, metadata = load(run.run_dir)
+    assert metadata["data"]["padding_mode"] == "reflect"
+    val = load_dataset(synthetic, val_size=80, download=False).val
+    normalizer = Normalizer.from_dict(metadata["normalization"])
+    by_fill = {fill: evaluate(model, val.images, val.labels, normalizer, tta="flip-shift", shift_padding=fill)
+               for fill in ("zeros", "reflect")}
+    assert by_fill["reflect"].loss == pytest.approx(run.final_val_loss, rel=1e-5)
+    assert by_fill["zeros"].loss != pytest.approx(run.final_val_loss, rel=1e-5)
+
+
 def test_the_package_exports_train_and_the_config():
     import resnetlab
 

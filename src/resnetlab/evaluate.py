@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnetlab.data.augment import tta_logits
+from resnetlab.data.augment import PADDING_MODES, tta_logits
 from resnetlab.errors import DataError, ResnetlabError
 
 TTA_MODES = ("none", "flip", "flip-shift")
@@ -91,6 +91,7 @@ def evaluate(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     tta: str = "none",
+    shift_padding: str = "zeros",
     precision: str = "fp32",
     num_classes: int | None = None,
     topk: Sequence[int] = DEFAULT_TOPK,
@@ -101,11 +102,14 @@ def evaluate(
     uses the model's device; otherwise the model is moved there. The model is put in eval mode for
     the call and its previous mode restored. `tta="flip"` averages the *logits* of each image and of
     its horizontal mirror, `"flip-shift"` of 10 views (those two, each also shifted one pixel along
-    the four diagonals); ranks and the cross-entropy loss are taken from that average.
+    the four diagonals, the border filled as `shift_padding` pads: the model's training padding_mode);
+    ranks and the cross-entropy loss are taken from that average.
     `precision` "bf16"/"fp16" runs the forward pass under autocast; metrics are computed in fp32.
     """
     if tta not in TTA_MODES:
         raise ResnetlabError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if shift_padding not in PADDING_MODES:
+        raise ResnetlabError(f"shift_padding must be one of {', '.join(PADDING_MODES)}, got {shift_padding!r}")
     images = torch.as_tensor(images_uint8)
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
@@ -130,7 +134,7 @@ def evaluate(
             x = normalizer(images[start : start + batch_size])
             y = labels[start : start + batch_size]
             with autocast_context(device, precision):
-                logits = tta_logits(model, x, tta).float()
+                logits = tta_logits(model, x, tta, shift_padding).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += topk_correct(logits, y, topk)
             # scatter_add_ instead of bincount: CUDA bincount reads the max back to the host.

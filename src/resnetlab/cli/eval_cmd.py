@@ -23,9 +23,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--tta", choices=("none", "flip", "flip-shift", "10crop", "multiscale"), default="none",
         help="flip: average the logits of each image and its mirror; flip-shift: of 10 views (the image and "
-             "its mirror, each also shifted by one pixel along the 4 diagonals, zero fill); 10crop / multiscale (imagenet-pipeline "
+             "its mirror, each also shifted by one pixel along the 4 diagonals, the border filled as --shift-padding); "
+             "10crop / multiscale (imagenet-pipeline "
              "checkpoints): average the softmax of 4 corner + centre crops and their mirrors / of the whole image "
              "at each --scales side and its mirror (He et al. 2015, section 3.4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shift-padding", choices=("auto", "zeros", "reflect"), default="auto",
+        help="flip-shift: fill of the shifted views' border (default auto: as the checkpoint's training crops were "
+             "padded, its data.padding_mode; zeros for checkpoints that do not record it)",
     )  # fmt: skip
     parser.add_argument("--scales", type=_sides, default=None, metavar="S1,S2,...",
                         help="multiscale: shorter sides (default 224,256,384,480,640)")
@@ -62,6 +68,7 @@ def run(args) -> int:
             f"--tta {args.tta} crops the un-cropped images of the imagenet pipeline; this checkpoint was trained on "
             "in-memory images already at the model's input size (use --tta none or flip)"
         )
+    fill = shift_padding(args.shift_padding, metadata)
     split = choose_split(args.data_dir, args.split)
     if streamed:
         result = evaluate_streamed(model, metadata, classes, normalizer, args, split, device)
@@ -69,7 +76,8 @@ def run(args) -> int:
         images, labels = load_split(args.data_dir, split, metadata, classes)
         result = evaluate(
             model, images, labels, normalizer, batch_size=args.batch_size, device=device,
-            tta=args.tta, precision=args.precision, num_classes=len(classes),
+            tta=args.tta, shift_padding=fill, precision=args.precision,
+            num_classes=len(classes),
         )  # fmt: skip
     confusion_path = args.confusion or default_confusion_path(Path(args.checkpoint), path, split, args.tta)
     if confusion_path is not None:
@@ -83,11 +91,19 @@ def run(args) -> int:
             print(f"confusion matrix: {confusion_path}", file=sys.stderr)
         return 0
     epoch = f" epoch {metadata['epoch']}" if "epoch" in metadata else ""
-    heading = f"{metadata['model']}{epoch} ({path}) on {split} of {args.data_dir}, tta {args.tta}, {args.precision}"
+    tta = f"flip-shift ({fill} fill)" if args.tta == "flip-shift" and not streamed else args.tta
+    heading = f"{metadata['model']}{epoch} ({path}) on {split} of {args.data_dir}, tta {tta}, {args.precision}"
     print(format_report(result, classes, heading))
     if confusion_path is not None:
         print(f"confusion matrix: {confusion_path}")
     return 0
+
+
+def shift_padding(choice: str, metadata: dict) -> str:
+    """The flip-shift fill: as asked, or ("auto") the padding of the checkpoint's training crops."""
+    if choice != "auto":
+        return choice
+    return (metadata.get("data") or {}).get("padding_mode", "zeros")
 
 
 def evaluate_streamed(model, metadata: dict, classes: list[str], normalizer, args, split: str, device):

@@ -120,7 +120,8 @@ def evaluate_val(data: TrainData, model: torch.nn.Module, config: RunConfig, dev
         return evaluate_stream(model, batches, data.normalizer, **common)
     from resnetlab.evaluate import evaluate
 
-    return evaluate(model, val.images, val.labels, data.normalizer, batch_size=config.train.eval_batch_size, **common)
+    return evaluate(model, val.images, val.labels, data.normalizer, batch_size=config.train.eval_batch_size,
+                    shift_padding=config.data.padding_mode, **common)
 
 
 def micro_batch_size(config: RunConfig, world_size: int) -> int:

@@ -374,12 +374,18 @@ class Session:
             "classes": list(data.splits.classes), "input_size": list(data.splits.train.image_shape),
             "normalization": data.normalizer.to_dict(), "recipe": cfg.recipe,
             "data": {"source": data.splits.source, "val_size": cfg.data.val_size, "split_seed": cfg.data.split_seed,
-                     "limit_train": cfg.data.limit_train, **data.pipeline},
+                     "limit_train": cfg.data.limit_train, **self._augmentation_metadata(), **data.pipeline},
             "epoch": self.epoch, "step": self.trainer.step,
             "val_top1_error": self.last_eval.get("val_top1_error"), "val_loss": self.last_eval.get("val_loss"),
             "evaluated_at_step": self.last_eval.get("step"), "weights": "ema" if self.trainer.ema else "model",
             "precision": self.trainer.runtime.precision, **extra,
         }
+
+    def _augmentation_metadata(self) -> dict:
+        """What evaluation needs to know of the training crops (flip-shift TTA fills its shifted
+        views as they were padded); the imagenet pipeline has no padded crops."""
+        cfg = self.config.data
+        return {"padding_mode": cfg.padding_mode} if cfg.pipeline == "cifar" else {}
 
     # --- output -----------------------------------------------------------------------------------
     @property
