@@ -2,7 +2,10 @@
 transforms against torchvision's semantics. Timings themselves are never asserted."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +18,15 @@ from resnetlab.bench.baseline import (BaselineConfig, Normalize, RandomCrop, Ran
                                       standard_train_transform, to_tensor)
 from resnetlab.bench.contention import ForeignLoad
 from resnetlab.bench.memory import PeakRSS
-from resnetlab.bench.peak import measure_peak_gflops
+from resnetlab.bench import peak as peak_mod
+from resnetlab.bench.peak import measure_peak_gflops, peak_precision
 from resnetlab.bench.report import Comparison, compare
 from resnetlab.bench.train_bench import (SUMMARY_KEYS, BenchConfig, BenchResult, Window, best_window, mfu,
                                          run_train_bench, train_flops_per_image)
 from resnetlab.cli import main
 from resnetlab.errors import ConfigError
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = dict(model="resnet8", batch_size=8, steps=2, warmup_steps=1, windows=1, num_images=32, retry_seconds=0)
 
 
@@ -51,6 +56,48 @@ def test_training_flops_are_counted_not_assumed():
 
 def test_peak_is_positive_for_a_small_matmul():
     assert measure_peak_gflops(torch.float32, "cpu", sizes=(64,), min_seconds=0.01, repeats=1) > 0
+
+
+def test_peak_skips_sizes_whose_single_matmul_would_be_too_slow(monkeypatch):
+    # an emulated dtype (bf16 on a CPU without AVX-512 BF16: ~1 GFLOP/s) must not spend minutes
+    # on 4096 x 4096 matmuls; a fast one still tries every size
+    tried = []
+
+    def fake_rate(rate):
+        def measure(n, dtype, device, min_seconds, repeats):
+            tried.append(n)
+            return rate
+        return measure
+
+    monkeypatch.setattr(peak_mod, "matmul_gflops", fake_rate(1.0))
+    assert measure_peak_gflops(torch.bfloat16, "cpu", sizes=(4096, 1024, 2048)) == 1.0
+    assert tried == [1024]  # 2048 would take 2 * 2048^3 / 1e9 = 17 s per call at 1 GFLOP/s
+    tried.clear()
+    monkeypatch.setattr(peak_mod, "matmul_gflops", fake_rate(200.0))
+    measure_peak_gflops(torch.float32, "cpu", sizes=(1024, 2048, 4096))
+    assert tried == [1024, 2048, 4096]
+
+
+def test_emulated_bf16_is_measured_against_the_fp32_peak(monkeypatch):
+    monkeypatch.setattr(peak_mod, "has_native_bf16", lambda device: False)
+    assert peak_precision("bf16", torch.device("cpu")) == "fp32"
+    assert peak_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(peak_mod, "has_native_bf16", lambda device: True)
+    assert peak_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_bench_rows_without_native_bf16_force_no_bf16(monkeypatch):
+    # benchmarks/run_all.py is a script, not a package module: load it from its path
+    spec = importlib.util.spec_from_file_location("run_all", BENCHMARKS / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_all", run_all)  # its dataclasses look their module up there
+    spec.loader.exec_module(run_all)
+    native = run_all.training_cases(quick=True, bf16=True, default_precision="bf16")
+    emulated = run_all.training_cases(quick=True, bf16=False, default_precision="fp32")
+    assert sum(case.cfg.precision == "bf16" for case in native) == 4
+    assert all(case.cfg.precision != "bf16" for case in emulated)
+    assert any(case.cfg.compile and case.cfg.precision == "fp32" for case in emulated)
+    assert len(native) - len(emulated) == 2  # the two forced-bf16 eager rows
 
 
 def test_best_window_prefers_clean_windows():

@@ -177,3 +177,16 @@ def test_auto_precision_is_what_was_measured_fastest(monkeypatch):
     assert runtime.resolve_precision("auto", torch.device("cpu")) == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns(monkeypatch, recwarn):
+    from resnetlab.config import RuntimeSection
+    from resnetlab.engine import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 is emulated"):
+        assert runtime.resolve_runtime(RuntimeSection(device="cpu", precision="bf16")).precision == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    recwarn.clear()
+    runtime.resolve_runtime(RuntimeSection(device="cpu", precision="bf16"))
+    assert not [w for w in recwarn if "emulated" in str(w.message)]

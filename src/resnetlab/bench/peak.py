@@ -8,11 +8,21 @@ import time
 import torch
 
 from resnetlab.bench.contention import ForeignLoad
+from resnetlab.engine.runtime import has_native_bf16
 
 # Square sizes tried; the best rate over them is the peak. CPUs reach it at 1-4k (the blocking
 # fits the caches), GPUs only at the larger sizes.
 CPU_SIZES = (1024, 2048, 4096)
 CUDA_SIZES = (4096, 8192)
+
+
+def peak_precision(precision: str, device: torch.device) -> str:
+    """The dtype whose matmul peak bounds a run in `precision`: itself where the hardware has it;
+    fp32 for bf16 that is only emulated (the emulation computes in fp32, and its own matmul rate,
+    ~1 GFLOP/s, would give MFUs far above 1: oneDNN's emulated bf16 convolutions are faster)."""
+    if precision == "bf16" and not has_native_bf16(device):
+        return "fp32"
+    return precision
 
 
 def synchronize(device: torch.device) -> None:
@@ -47,9 +57,17 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, min_seconds:
 
 
 def measure_peak_gflops(dtype: torch.dtype, device: torch.device | str = "cpu", sizes: tuple[int, ...] | None = None,
-                        min_seconds: float = 0.3, repeats: int = 3) -> float:
-    """The machine's matmul peak for `dtype` in GFLOP/s: the best rate over `sizes`."""
+                        min_seconds: float = 0.3, repeats: int = 3, max_call_seconds: float = 3.0) -> float:
+    """The machine's matmul peak for `dtype` in GFLOP/s: the best rate over `sizes`, smallest first.
+    A size whose single matmul would take longer than `max_call_seconds` at the best rate seen so
+    far is not tried: a dtype the CPU only emulates (bf16 without AVX-512 BF16: about 1 GFLOP/s on
+    a Zen 3, against 125 in fp32) would otherwise spend minutes per 4096 x 4096 matmul."""
     device = torch.device(device)
-    sizes = sizes or (CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
+    sizes = sorted(sizes or (CUDA_SIZES if device.type == "cuda" else CPU_SIZES))
+    best = 0.0
     with torch.no_grad():
-        return max(matmul_gflops(n, dtype, device, min_seconds, repeats) for n in sizes)
+        for n in sizes:
+            if best > 0 and 2 * n**3 / (best * 1e9) > max_call_seconds:
+                break
+            best = max(best, matmul_gflops(n, dtype, device, min_seconds, repeats))
+    return best

@@ -38,7 +38,7 @@ def _block(title: str, r: BenchResult) -> str:
              f"  {r.images_per_s:,.0f} images/s ({r.step_ms:.1f} ms/step; mean over all windows "
              f"{r.mean_images_per_s:,.0f}), warm-up {r.warmup_s:.1f} s",
              f"  {r.train_gflop_per_image * 1000:.1f} MFLOP per training image, peak {r.peak_gflops:.0f} GFLOP/s "
-             f"({r.precision} matmul) -> MFU {r.mfu:.3f}",
+             f"({_peak_label(r)}) -> MFU {r.mfu:.3f}",
              f"  peak RSS {r.peak_rss_mb:,.0f} MB"]
     if r.foreign_cores > 0.15:
         lines.append(f"  note: other processes kept {r.foreign_cores:.1f} cores busy during the best window; "
@@ -46,16 +46,22 @@ def _block(title: str, r: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _peak_label(r: BenchResult) -> str:
+    dtype = r.peak_precision or r.precision
+    return f"{dtype} matmul" if dtype == r.precision else f"{dtype} matmul; {r.precision} is emulated here"
+
+
 def compare(cfg: BenchConfig, baseline: bool = False, baseline_workers: int = 2,
             peaks: dict[str, float] | None = None) -> Comparison:
     """Measure `cfg`, then (optionally) the standard recipe with the same model, batch and steps.
     `peaks` ({"fp32": GFLOP/s, "bf16": ...}) reuses matmul peaks already measured in this process."""
     from resnetlab.bench.baseline import BaselineConfig, run_baseline
+    from resnetlab.bench.peak import peak_precision
     from resnetlab.engine.runtime import resolve_device, resolve_precision
 
     peaks = peaks or {}
-    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    ours = run_train_bench(cfg, peak_gflops=peaks.get(precision))
+    device = resolve_device(cfg.device)
+    ours = run_train_bench(cfg, peak_gflops=peaks.get(peak_precision(resolve_precision(cfg.precision, device), device)))
     if not baseline:
         return Comparison(ours)
     base_cfg = BaselineConfig(model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,

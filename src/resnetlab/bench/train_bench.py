@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resnetlab.bench.contention import ForeignLoad
 from resnetlab.bench.memory import PeakRSS
-from resnetlab.bench.peak import measure_peak_gflops, synchronize
+from resnetlab.bench.peak import measure_peak_gflops, peak_precision, synchronize
 from resnetlab.engine.runtime import DTYPES
 from resnetlab.errors import ConfigError
 from resnetlab.models import model_info
@@ -72,6 +72,7 @@ class BenchResult:
     model: str = ""
     batch_size: int = 0
     precision: str = ""
+    peak_precision: str = ""  # the dtype of peak_gflops: fp32 where bf16 is emulated
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
@@ -208,12 +209,13 @@ def _run_train_bench(cfg: BenchConfig, peak_gflops: float | None) -> BenchResult
     best = best_window(windows)
     rate = best.rate(cfg.batch_size)
     flops = train_flops_per_image(cfg.model, image_size) / 1e9
-    peak = peak_gflops if peak_gflops is not None else measure_peak_gflops(DTYPES[runtime.precision], device)
+    peak_dtype = peak_precision(runtime.precision, device)
+    peak = peak_gflops if peak_gflops is not None else measure_peak_gflops(DTYPES[peak_dtype], device)
     total_steps = sum(w.steps for w in windows)
     return BenchResult(
         images_per_s=rate, mfu=mfu(rate, flops, peak), peak_gflops=peak, train_gflop_per_image=flops,
         peak_rss_mb=rss.peak_mb, model=cfg.model, batch_size=cfg.batch_size, precision=runtime.precision,
-        channels_last=bool(runtime.channels_last), compile=runtime.compile, compile_mode=runtime.compile_mode,
+        peak_precision=peak_dtype, channels_last=bool(runtime.channels_last), compile=runtime.compile, compile_mode=runtime.compile_mode,
         device=str(device),
         threads=torch.get_num_threads(), step_ms=1000 * best.seconds / best.steps, warmup_s=warmup_s,
         mean_images_per_s=total_steps * cfg.batch_size / sum(w.seconds for w in windows),

@@ -7,6 +7,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 from resnetlab.errors import ResnetlabError
 
@@ -43,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # the CLI's warnings read like its errors: one line, no source path
+    return f"resnetlab: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _run(argv)
+    finally:
+        warnings.formatwarning = previous_format  # main() is also called in-process (tests, notebooks)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class Runtime:
 def resolve_runtime(cfg: RuntimeSection) -> Runtime:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and not has_native_bf16(device):
+        warnings.warn(f"bf16 is emulated on this {device.type} (no AVX-512 BF16 / AMX, or a GPU before Ampere): "
+                      "expect it to run many times slower than fp32 (runtime.precision auto picks fp32 here)",
+                      stacklevel=1)  # one location: shown once per process however many runtimes
     # faster in both CPU precisions measured (see resolve_precision), and on an H100 too: ResNet-20
     # fp32 18,203 images/s channels_last vs 13,918 NCHW (benchmarks/RESULTS-cuda.md)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
@@ -102,6 +107,14 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls run in hardware on `device`; elsewhere autocast to bf16 is emulated and many
+    times slower than fp32 (a Zen 3 CPU: about 1 GFLOP/s against 125)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_has_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
