@@ -179,6 +179,23 @@ def test_auto_precision_is_what_was_measured_fastest(monkeypatch):
     assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
+def test_auto_channels_last_avoids_the_avx2_onednn_crash_of_narrow_projections(monkeypatch):
+    # torch 2.13 + oneDNN AVX2: a channels_last 1x1 stride-2 conv with < 8 input channels corrupts
+    # memory in backward; "auto" must resolve to NCHW for such a net there, and only there
+    from resnetlab.config import RunConfig
+    from resnetlab.engine.setup import resolved_config
+
+    narrow = RunConfig().replace(**{"model.name": "resnet20", "model.options": {"shortcut": "B", "width": 0.25},
+                                    "runtime.device": "cpu"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolved_config(narrow).runtime.channels_last is False
+    assert resolved_config(narrow.replace(**{"model.options": {"shortcut": "B"}})).runtime.channels_last is True
+    assert resolved_config(narrow.replace(**{"model.options": {"width": 0.25}})).runtime.channels_last is True  # option A
+    assert resolved_config(narrow.replace(**{"runtime.channels_last": True})).runtime.channels_last is True
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert resolved_config(narrow).runtime.channels_last is True
+
+
 def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns(monkeypatch, recwarn):
     from resnetlab.config import RuntimeSection
     from resnetlab.engine import runtime

@@ -20,10 +20,31 @@ def resolved_config(config: RunConfig, dist: DistInfo = SINGLE) -> RunConfig:
     """The config with the runtime's "auto" values replaced by what this machine gives, so the
     saved config.json says exactly how the run computed (with several processes: rank 0's GPU)."""
     runtime = resolve_runtime(config.runtime)
+    channels_last = runtime.channels_last
+    if channels_last and config.runtime.channels_last == "auto" and onednn_channels_last_unsafe(config, runtime.device):
+        channels_last = False
     return config.replace(**{
         "runtime.device": str(device_for_rank(runtime.device, dist)), "runtime.precision": runtime.precision,
-        "runtime.channels_last": runtime.channels_last,
+        "runtime.channels_last": channels_last,
     })
+
+
+def onednn_channels_last_unsafe(config: RunConfig, device) -> bool:
+    """torch 2.13's CPU build without AVX-512 (oneDNN's AVX2 kernels) corrupts memory in the backward
+    pass of a channels_last 1x1 stride-2 convolution with fewer than 8 input channels (a segfault or
+    abort; seen on a Zen 3 EPYC). Only narrow nets have one (projection shortcuts at width 0.25), and
+    "auto" trains them in NCHW there. The model is built on the meta device: no memory, no RNG."""
+    import torch
+    from torch import nn
+
+    from resnetlab.models import create_model
+
+    if device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = create_model(config.model.name, num_classes=config.model.num_classes or 10, **config.model.options)
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+               for m in model.modules())
 
 
 def build_trainer(config: RunConfig, data: TrainData, dist: DistInfo = SINGLE) -> Trainer:
