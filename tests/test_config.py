@@ -150,11 +150,13 @@ def test_alternating_flips_reach_the_loader_and_need_the_cifar_pipeline():
             build_config(overrides=["data.flip_mode=alternate", conflict])
 
 
-def test_fast_cifar_is_v1_with_the_batch_and_crops_chosen_on_validation():
+def test_fast_cifar_is_v1_with_the_batch_crops_and_smoothing_chosen_on_validation():
     fast, v1 = build_config("fast-cifar"), build_config("fast-cifar-v1")
     assert (v1.train.batch_size, v1.data.crop_padding, v1.data.padding_mode) == (128, 4, "zeros")
     assert (fast.train.batch_size, fast.data.crop_padding, fast.data.padding_mode) == (64, 2, "reflect")
+    assert (v1.train.label_smoothing, fast.train.label_smoothing) == (0.1, 0.2)
     differing = {(section, key) for section in ("data", "optim", "schedule", "train", "runtime")
                  for key, value in getattr(fast, section).model_dump().items()
                  if getattr(v1, section).model_dump()[key] != value}
-    assert differing == {("data", "crop_padding"), ("data", "padding_mode"), ("train", "batch_size")}
+    assert differing == {("data", "crop_padding"), ("data", "padding_mode"), ("train", "batch_size"),
+                         ("train", "label_smoothing")}
