@@ -73,6 +73,12 @@ _FAST_CIFAR_V1 = {
     "runtime": {"precision": "auto"},
 }
 
+_FAST_CIFAR = {
+    **_FAST_CIFAR_V1,
+    "data": {**_FAST_CIFAR_V1["data"], "crop_padding": 2, "padding_mode": "reflect"},
+    "train": {**_FAST_CIFAR_V1["train"], "batch_size": 64, "label_smoothing": 0.2},
+}
+
 register(Recipe(
     "fast-cifar",
     "a 30-epoch schedule for the unchanged ResNet: Nesterov SGD lr 0.1, batch 64, 2-epoch linear warm-up + cosine, "
@@ -82,9 +88,16 @@ register(Recipe(
     "label smoothing; 2-pixel reflect-padded crops as in Jordan 2024, airbench); batch, crops and label smoothing "
     "chosen on the validation split among one-change variants of fast-cifar-v1 (README, 'Tuning fast-cifar'); "
     "--set train.label_smoothing=0.1 gives fast-cifar as of commit f281b37 (2026-12-02)",
-    {**_FAST_CIFAR_V1,
-     "data": {**_FAST_CIFAR_V1["data"], "crop_padding": 2, "padding_mode": "reflect"},
-     "train": {**_FAST_CIFAR_V1["train"], "batch_size": 64, "label_smoothing": 0.2}},
+    _FAST_CIFAR,
+))
+
+register(Recipe(
+    "fast-cifar-15",
+    "fast-cifar in 15 epochs: label smoothing 0.1 instead of 0.2, otherwise the same (half the time of fast-cifar)",
+    "chosen on the validation split (README, 'Tuning fast-cifar'): at 15 epochs, label smoothing 0.1 gave "
+    "87.35 +- 0.34 % with flip-shift TTA against 87.11 +- 0.28 % for 0.2 (3 seeds each, Zen 5, bf16)",
+    {**_FAST_CIFAR,
+     "train": {**_FAST_CIFAR["train"], "epochs": 15, "label_smoothing": 0.1}},
 ))
 
 register(Recipe(
