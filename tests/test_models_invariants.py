@@ -60,6 +60,35 @@ def test_option_a_is_a_visible_module_that_pads_half_before_half_after():
     assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
 
 
+@pytest.mark.parametrize("size", [32, 7])
+def test_option_a_subsamples_exactly_like_a_strided_slice_forward_and_backward(size):
+    shortcut = ZeroPadShortcut(16, 32, stride=2)
+    x = torch.randn(2, 16, size, size, dtype=torch.float64, requires_grad=True)
+    out = shortcut(x)
+    assert torch.equal(out, F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8)))
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    expected = torch.zeros_like(x)
+    expected[:, :, ::2, ::2] = upstream[:, 8:24]
+    assert torch.equal(grad, expected)
+
+
+def test_channels_last_gradients_stay_channels_last_through_option_a():
+    # A gradient in another memory format sends the backward pass at the end of each stage down
+    # slower mixed-format kernels; every block's output gradient must keep channels_last.
+    model = create_model("resnet20").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    formats = []
+
+    def record_gradient_format(module, args, out):
+        out.register_hook(lambda grad: formats.append(grad.is_contiguous(memory_format=torch.channels_last)))
+
+    for block in [*model.layer1, *model.layer2, *model.layer3]:
+        block.register_forward_hook(record_gradient_format)
+    model(x).sum().backward()
+    assert len(formats) == 9 and all(formats)
+
+
 def test_option_a_pads_odd_channel_differences():
     out = ZeroPadShortcut(3, 8, stride=1)(torch.ones(1, 3, 4, 4))
     assert out[0, :, 0, 0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
