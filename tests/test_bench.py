@@ -216,3 +216,16 @@ def test_step_breakdown_and_conv_rates_are_positive():
     rates = breakdown.conv_rates(batch=2, repeats=1, calls=1)
     assert len(rates) == len(breakdown.CIFAR_CONVS)
     assert all(r["forward GFLOP/s"] > 0 and r["backward GFLOP/s"] > 0 for r in rates)
+
+
+def test_option_a_benchmark_times_both_forms_and_restores_the_model_code():
+    spec = importlib.util.spec_from_file_location("bench_option_a", BENCHMARKS / "bench_option_a.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from resnetlab.models.layers import ZeroPadShortcut
+
+    shipped = ZeroPadShortcut.forward
+    assert bench.shortcut_ms(bench.slice_subsample, 16, 8, repeats=1) > 0
+    times = bench.paired_step_ms(rounds=1, steps_per_round=1)
+    assert set(times) == set(bench.FORMS) and all(len(v) == 1 and v[0] > 0 for v in times.values())
+    assert ZeroPadShortcut.forward is shipped
