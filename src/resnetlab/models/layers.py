@@ -34,8 +34,9 @@ class ZeroPadShortcut(nn.Module):
             # Exactly x[:, :, ::stride, ::stride] (the mean of one pixel is that pixel, in every
             # dtype), but the gradient of a slice is scattered into a new NCHW tensor, while
             # avg_pool2d's keeps the input's memory format: with channels_last the slice sent an
-            # NCHW gradient into the end of every stage and made the ReLU, BN and convolution
-            # backward passes there take mixed-format paths (about 5 % of a ResNet-20 step).
+            # NCHW gradient into the end of each stage followed by a downsampling block, where the
+            # ReLU, BN and convolution backward passes then took mixed-format paths (about 6 % of a
+            # ResNet-20 step: benchmarks/bench_option_a.py).
             x = F.avg_pool2d(x, kernel_size=1, stride=self.stride)
         # F.pad's last pair pads dim 1 (channels) of an NCHW tensor.
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
