@@ -42,7 +42,7 @@ def test_ema_running_variance_matches_the_averaged_weights():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8, momentum=None, affine=False))
     ema = EMA(model, decay=0.9)
     data = torch.randn(64, 3, 8, 8)
-    for step in range(60):
+    for _ in range(60):
         with torch.no_grad():  # drift the live weights' scale upward, step after step
             model[0].weight.mul_(1.05)
         model[1].reset_running_stats()
