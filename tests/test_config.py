@@ -162,10 +162,11 @@ def test_fast_cifar_is_v1_with_the_batch_crops_and_smoothing_chosen_on_validatio
                          ("train", "label_smoothing")}
 
 
-def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing():
+def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_and_linear_decay():
     fast, short = build_config("fast-cifar"), build_config("fast-cifar-15")
-    assert (short.train.epochs, short.train.label_smoothing) == (15, 0.1)
+    assert (short.train.epochs, short.train.label_smoothing, short.schedule.kind) == (15, 0.1, "linear")
+    assert short.schedule.warmup == fast.schedule.warmup
     differing = {(section, key) for section in ("model", "data", "optim", "schedule", "bn", "train", "runtime")
                  for key, value in getattr(short, section).model_dump().items()
                  if getattr(fast, section).model_dump()[key] != value}
-    assert differing == {("train", "epochs"), ("train", "label_smoothing")}
+    assert differing == {("train", "epochs"), ("train", "label_smoothing"), ("schedule", "kind")}
