@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from resnetlab.bench import baseline as baseline_mod
 from resnetlab.bench import breakdown
@@ -229,3 +230,36 @@ def test_option_a_benchmark_times_both_forms_and_restores_the_model_code():
     times = bench.paired_step_ms(rounds=1, steps_per_round=1)
     assert set(times) == set(bench.FORMS) and all(len(v) == 1 and v[0] > 0 for v in times.values())
     assert ZeroPadShortcut.forward is shipped
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_space_to_depth_form_equals_the_stride_2_convolution_forward_and_backward(size):
+    bench = _load_benchmark("bench_stride2")
+    torch.manual_seed(size)
+    x = torch.randn(2, 5, size, size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 7, size // 2, size // 2, dtype=torch.float64)
+    direct = F.conv2d(x, weight, stride=2, padding=1)
+    direct_grads = torch.autograd.grad(direct, (x, weight), grad)
+    rewritten = bench.space_to_depth_conv(x, weight)
+    rewritten_grads = torch.autograd.grad(rewritten, (x, weight), grad)
+    torch.testing.assert_close(rewritten, direct)
+    for got, expected in zip(rewritten_grads, direct_grads):
+        torch.testing.assert_close(got, expected)
+
+
+def test_stride_2_benchmark_times_every_form():
+    bench = _load_benchmark("bench_stride2")
+    timers = bench.make_timers(4, 8, 8, stride=2)
+    assert "space-to-depth forward + backward" in timers
+    ms = bench.time_interleaved(timers, rounds=1, repeats=1)
+    assert set(ms) == set(timers) and all(value > 0 for value in ms.values())
+    assert "space-to-depth forward + backward" not in bench.make_timers(4, 4, 8, stride=1)
+    assert bench.backward_gflop(16, 32, 32, 2) == pytest.approx(4 * 128 * 32 * 16 * 16 * 16 * 9 / 1e9)
