@@ -215,3 +215,37 @@ def test_eval_of_a_trained_run_reproduces_its_logged_validation(capsys, tmp_path
     code, out, err = run_cli(capsys, "eval", result.run_dir, "--data-dir", data, "--json")  # default: test split
     assert code == 0, err
     assert json.loads(out)["n"] == 100
+
+
+def test_final_tta_of_a_run_equals_eval_with_that_tta(capsys, tmp_path):
+    """train.final_tta: the summary's TTA numbers are what `resnetlab eval RUN --tta T` prints for the
+    final checkpoint (fp32, the flip-shift border as the crops were padded), and the last line shows them."""
+    from trainkit import tiny_config, write_synthetic_cifar10
+
+    from resnetlab.cli.train_cmd import result_line
+    from resnetlab.engine.train import train
+
+    data = write_synthetic_cifar10(tmp_path / "data", n_train=600, n_test=100)
+    overrides = {"train.epochs": 1, "data.val_size": 100, "data.limit_train": 128, "data.padding_mode": "reflect",
+                 "train.final_tta": ["flip", "flip-shift"]}
+    result = train(tiny_config(data, tmp_path / "run", **overrides), progress="none")
+    assert list(result.summary["final_tta"]) == ["flip", "flip-shift"]
+    for tta, numbers in result.summary["final_tta"].items():
+        code, out, err = run_cli(capsys, "eval", result.run_dir, "--data-dir", data, "--split", "val", "--tta", tta,
+                                 "--json", "--device", "cpu")
+        assert code == 0, err
+        summary = json.loads(out)
+        assert numbers["val_top1_error"] == pytest.approx(summary["top1_error"])
+        assert numbers["val_loss"] == pytest.approx(summary["loss"], rel=1e-5)
+    line = result_line(result)
+    assert f"flip-shift TTA {result.summary['final_tta']['flip-shift']['val_top1_error']:.2%}" in line
+
+
+def test_final_tta_without_validation_split_is_empty(tmp_path):
+    from trainkit import tiny_config, write_synthetic_cifar10
+
+    from resnetlab.engine.train import train
+
+    data = write_synthetic_cifar10(tmp_path / "data", n_train=200, n_test=20)
+    config = tiny_config(data, tmp_path / "run", **{"train.epochs": 1, "data.val_size": 0, "train.final_tta": ["flip"]})
+    assert train(config, progress="none").summary["final_tta"] == {}

@@ -63,6 +63,7 @@ def test_unknown_key_is_one_line_naming_the_dotted_key(item, expected):
     ("model.name=resnet21", "model.name"),
     ("schedule.warmup.kind=constant", "schedule.warmup"),
     ("data.flip_mode=sometimes", "data.flip_mode"),
+    ("train.final_tta=[flip, 10crop]", "train.final_tta[1]"),
 ])
 def test_invalid_value_is_one_line_naming_the_key(item, key):
     with pytest.raises(ConfigError) as error:
@@ -159,7 +160,8 @@ def test_fast_cifar_is_v1_with_the_batch_crops_and_smoothing_chosen_on_validatio
                  for key, value in getattr(fast, section).model_dump().items()
                  if getattr(v1, section).model_dump()[key] != value}
     assert differing == {("data", "crop_padding"), ("data", "padding_mode"), ("train", "batch_size"),
-                         ("train", "label_smoothing")}
+                         ("train", "label_smoothing"), ("train", "final_tta")}  # the last only evaluates
+    assert (v1.train.final_tta, fast.train.final_tta) == ((), ("flip", "flip-shift"))
 
 
 def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_and_linear_decay():

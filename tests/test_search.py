@@ -116,3 +116,10 @@ def test_a_search_space_with_a_repeated_key_is_refused(tmp_path):
     space.write_text("optim.lr: {low: 1e-4, high: 0.3, log: true}\noptim.lr: {low: 0.01, high: 0.1}\n")
     with pytest.raises(ConfigError, match="'optim.lr' appears twice"):
         load_space(space)
+
+
+def test_trials_skip_the_recipes_final_tta(tmp_path):
+    from resnetlab.search.objective import trial_config
+
+    config = trial_config(build_config("fast-cifar"), {"optim.lr": 0.05}, tmp_path / "trial")
+    assert config.train.final_tta == () and config.optim.lr == 0.05

@@ -212,6 +212,9 @@ class TrainSection(_Section):
     checkpoint_every_steps: int | None = Field(default=None, ge=1)  # besides every epoch
     eval_batch_size: int = Field(default=512, ge=1)
     eval_tta: Literal["none", "flip", "flip-shift"] = "none"  # flip-shift: 10 views (data.augment)
+    # After the last epoch, the final model is also evaluated on the validation split with each of these
+    # test-time augmentations, in fp32 as `resnetlab eval` does: summary.json "final_tta" and the last line.
+    final_tta: tuple[Literal["flip", "flip-shift"], ...] = ()
 
     @model_validator(mode="after")
     def _has_budget(self) -> "TrainSection":

@@ -96,5 +96,7 @@ def result_line(result) -> str:
     def pct(value):
         return "n/a (no validation split)" if value is None else f"{value:.2%}"
 
-    return (f"final val top-1 error {pct(result.final_val_error)} (best {pct(result.best_val_error)}); "
+    tta = "".join(f", {name} TTA {pct(numbers['val_top1_error'])}"
+                  for name, numbers in (result.summary.get("final_tta") or {}).items())
+    return (f"final val top-1 error {pct(result.final_val_error)}{tta} (best {pct(result.best_val_error)}); "
             f"run directory {result.run_dir}, curves {result.run_dir / 'curves.png'}")

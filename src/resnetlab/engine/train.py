@@ -30,7 +30,7 @@ from resnetlab.artifacts.checkpoint import read_tensors, save_checkpoint, save_t
 from resnetlab.artifacts.env import environment, git_patch
 from resnetlab.artifacts.run_dir import RunDir, create_run_dir, open_run_dir
 from resnetlab.config import RunConfig, validate_config
-from resnetlab.engine.data import TrainData, load_train_data
+from resnetlab.engine.data import TrainData, evaluate_val, load_train_data
 from resnetlab.engine.distributed import (SINGLE, DistInfo, any_rank, average_bn_stats_, on_main, process_group,
                                           together)
 from resnetlab.engine.loop import Trainer, check_finite, default_bn_momentum, run_epoch
@@ -309,7 +309,8 @@ class Session:
     def _finish(self) -> RunResult:
         bn_note = self._reestimate_bn() if self.config.bn.reestimate else None
         self._plot(force=True)
-        summary = on_main(self.dist, lambda: self._write_summary(bn_note))
+        final_tta = on_main(self.dist, self._evaluate_final_tta)
+        summary = on_main(self.dist, lambda: self._write_summary(bn_note, final_tta))
         final = summary["final"]
         return RunResult(self.run.root, final.get("val_top1_error"), self.best.get("val_top1_error"),
                          final.get("val_loss"), summary)
@@ -333,12 +334,25 @@ class Session:
             save_checkpoint(self.run.last, trainer.eval_model.state_dict(), self.model_metadata(bn_reestimated=True))
         return {"batches": used, "before": before, "after": after}
 
-    def _write_summary(self, bn_note: dict | None) -> dict:
-        summary = self._summary(bn_note)
+    def _evaluate_final_tta(self) -> dict:
+        """{tta: {val_loss, val_top1_error, val_top5_error}} of the final model for each of
+        train.final_tta, in fp32 (the numbers `resnetlab eval RUN --tta T` gives); {} without a val split."""
+        numbers = {}
+        for tta in self.config.train.final_tta:
+            config = self.config.model_copy(update={"train": self.config.train.model_copy(update={"eval_tta": tta})})
+            result = evaluate_val(self.data, self.trainer.eval_model, config, self.trainer.runtime.device, "fp32")
+            if result is None:
+                return {}
+            numbers[tta] = {"val_loss": result.loss, "val_top1_error": result.top1_error,
+                            "val_top5_error": result.top5_error}
+        return numbers
+
+    def _write_summary(self, bn_note: dict | None, final_tta: dict) -> dict:
+        summary = self._summary(bn_note, final_tta)
         write_json_atomic(self.run.summary, summary)
         return summary
 
-    def _summary(self, bn_note: dict | None) -> dict:
+    def _summary(self, bn_note: dict | None, final_tta: dict) -> dict:
         rows = [r for r in metrics_io.read_metrics(self.run.metrics_jsonl) if r["kind"] == "epoch"]
         last = rows[-1] if rows else {}
         final = {k: last.get(k) for k in ("train_loss", "train_top1_error", "val_loss", "val_top1_error", "val_top5_error")}
@@ -346,7 +360,8 @@ class Session:
             final.update(bn_note["after"])
         return {
             "model": self.config.model.name, "recipe": self.config.recipe, "run_dir": str(self.run.root),
-            "epochs": self.epoch, "steps": self.trainer.step, "final": final, "best": self.best or None,
+            "epochs": self.epoch, "steps": self.trainer.step, "final": final, "final_tta": final_tta,
+            "best": self.best or None,
             "bn_reestimate": bn_note, "wall_seconds": self.wall_seconds,
             "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9),
             "runtime": self.trainer.runtime.describe(), "data": self.data.description, "batch": self.batch_layout,
