@@ -87,7 +87,7 @@ register(Recipe(
     "on CUDA: measured fastest); the final model is also evaluated with flip and flip-shift TTA",
     "time-to-accuracy practice (Goyal et al. 2017 warm-up, Loshchilov & Hutter 2017 cosine, Szegedy et al. 2016 "
     "label smoothing; 2-pixel reflect-padded crops as in Jordan 2024, airbench); batch, crops and label smoothing "
-    "chosen on the validation split among one-change variants of fast-cifar-v1 (README, 'Tuning fast-cifar'); "
+    "chosen on the validation split among one-change variants of fast-cifar-v1 (docs/fast-cifar-tuning.md); "
     "--set train.label_smoothing=0.1 gives fast-cifar as of commit f281b37 (2026-12-02)",
     _FAST_CIFAR,
 ))
@@ -96,7 +96,7 @@ register(Recipe(
     "fast-cifar-15",
     "fast-cifar in 15 epochs: label smoothing 0.1 instead of 0.2 and linear instead of cosine decay after the "
     "warm-up, otherwise the same (half the time of fast-cifar)",
-    "chosen on the validation split (README, 'Tuning fast-cifar'): at 15 epochs, label smoothing 0.1 gave "
+    "chosen on the validation split (docs/fast-cifar-tuning.md): at 15 epochs, label smoothing 0.1 gave "
     "87.35 +- 0.34 % with flip-shift TTA against 87.11 +- 0.28 % for 0.2 (3 seeds each, Zen 5, bf16); linear decay "
     "87.67 +- 0.07 % against 87.39 +- 0.11 % for cosine (3 seeds each, Zen 4, bf16; fresh seeds 3-5: "
     "87.54 +- 0.38 %); cosine until commit 410b393",
