@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from resnetlab.artifacts.env import git_commit, git_patch
 from resnetlab.bench import breakdown
 from resnetlab.bench.peak import measure_peak_gflops, peak_precision
 from resnetlab.bench.report import compare
@@ -84,6 +85,7 @@ def machine_description() -> dict:
     device = resolve_device("auto")
     info = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "resnetlab commit": _commit(),
         "cpu": _cpu_model(),
         "cores (usable)": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch threads": torch.get_num_threads(),
@@ -101,6 +103,14 @@ def machine_description() -> dict:
     if scheduling:
         info["scheduling of this benchmark"] = scheduling
     return info
+
+
+def _commit() -> str:
+    """The code the report measured: the short commit, marked when tracked files were changed."""
+    commit = git_commit()
+    if commit is None:
+        return "unknown (not a git checkout)"
+    return commit[:7] + (" + uncommitted changes" if git_patch() else "")
 
 
 def _scheduling() -> str:

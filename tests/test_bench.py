@@ -87,18 +87,34 @@ def test_emulated_bf16_is_measured_against_the_fp32_peak(monkeypatch):
     assert peak_precision("bf16", torch.device("cpu")) == "bf16"
 
 
-def test_bench_rows_without_native_bf16_force_no_bf16(monkeypatch):
+def _load_run_all(monkeypatch):
     # benchmarks/run_all.py is a script, not a package module: load it from its path
     spec = importlib.util.spec_from_file_location("run_all", BENCHMARKS / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "run_all", run_all)  # its dataclasses look their module up there
     spec.loader.exec_module(run_all)
+    return run_all
+
+
+def test_bench_rows_without_native_bf16_force_no_bf16(monkeypatch):
+    run_all = _load_run_all(monkeypatch)
     native = run_all.training_cases(quick=True, bf16=True, default_precision="bf16")
     emulated = run_all.training_cases(quick=True, bf16=False, default_precision="fp32")
     assert sum(case.cfg.precision == "bf16" for case in native) == 4
     assert all(case.cfg.precision != "bf16" for case in emulated)
     assert any(case.cfg.compile and case.cfg.precision == "fp32" for case in emulated)
     assert len(native) - len(emulated) == 2  # the two forced-bf16 eager rows
+
+
+def test_bench_report_names_the_commit_it_measured(monkeypatch):
+    run_all = _load_run_all(monkeypatch)
+    monkeypatch.setattr(run_all, "git_commit", lambda: "0123456789abcdef")
+    monkeypatch.setattr(run_all, "git_patch", lambda: "")
+    assert run_all.machine_description()["resnetlab commit"] == "0123456"
+    monkeypatch.setattr(run_all, "git_patch", lambda: "diff --git a/x b/x")
+    assert run_all.machine_description()["resnetlab commit"] == "0123456 + uncommitted changes"
+    monkeypatch.setattr(run_all, "git_commit", lambda: None)
+    assert run_all.machine_description()["resnetlab commit"].startswith("unknown")
 
 
 def test_best_window_prefers_clean_windows():
