@@ -279,3 +279,16 @@ def test_stride_2_benchmark_times_every_form():
     assert set(ms) == set(timers) and all(value > 0 for value in ms.values())
     assert "space-to-depth forward + backward" not in bench.make_timers(4, 4, 8, stride=1)
     assert bench.backward_gflop(16, 32, 32, 2) == pytest.approx(4 * 128 * 32 * 16 * 16 * 16 * 9 / 1e9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_cuda_check_script_stops_with_one_line_where_there_is_no_gpu(tmp_path):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "cuda_check.sh"), str(tmp_path / "out")], cwd=root,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["cuda_check: torch sees no CUDA device"]
+    assert list((tmp_path / "out").iterdir()) == []  # nothing measured, nothing written
