@@ -69,6 +69,9 @@ def training_cases(quick: bool, bf16: bool = True, default_precision: str = "bf1
                  flags=["--precision bf16", "--no-channels-last"]),
             Case("ResNet-20, bf16, channels_last, eager", cfg(precision="bf16", channels_last=True),
                  flags=["--precision bf16", "--channels-last"]),
+            Case("ResNet-20, bf16, channels_last, eager, native BN + ReLU (no fused kernel)",
+                 cfg(precision="bf16", channels_last=True, fused_bn=False),
+                 flags=["--precision bf16", "--channels-last", "--no-fused-bn"]),
         ]
     return cases + [
         Case(f"ResNet-20, {tag}, channels_last, torch.compile", cfg(precision=p, channels_last=True, compile=True),

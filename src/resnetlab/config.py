@@ -238,6 +238,10 @@ class RuntimeSection(_Section):
     # of hundreds: what launch-bound small nets need); on the CPU it compiles as "default" does.
     compile_mode: Literal[COMPILE_MODES] = "default"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
+    # BN + (residual addition +) ReLU as one C++ kernel (resnetlab/kernels), built on first use.
+    # auto: on for CPU training in bf16 channels_last without compile, where it is measured faster
+    # and the kernel builds; true: required (an error where it can't run); false: native operators.
+    fused_bn: bool | Literal["auto"] = "auto"
 
     @field_validator("device")
     @classmethod

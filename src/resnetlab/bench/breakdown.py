@@ -16,6 +16,8 @@ GROUPS = {
     "aten::convolution_backward": "convolution backward",
     "aten::native_batch_norm": "batch norm forward",
     "aten::native_batch_norm_backward": "batch norm backward",
+    "_BatchNormReLU": "fused batch norm + ReLU (+ shortcut addition) forward",  # resnetlab.kernels
+    "_BatchNormReLUBackward": "fused batch norm + ReLU (+ shortcut addition) backward",
     "aten::clamp_min_": "ReLU forward",
     "aten::relu_": "ReLU forward",
     "aten::threshold_backward": "ReLU backward",

@@ -24,6 +24,8 @@ def bench_run_config(cfg) -> RunConfig:
                "runtime.compile": cfg.compile, "runtime.compile_mode": cfg.compile_mode}
     if cfg.channels_last is not None:
         changes["runtime.channels_last"] = cfg.channels_last
+    if cfg.fused_bn is not None:
+        changes["runtime.fused_bn"] = cfg.fused_bn
     return resolved_config(RunConfig().replace(**changes))
 
 

@@ -42,6 +42,7 @@ class BenchConfig:
     channels_last: bool | None = None  # None: the engine's default for the device
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs on CUDA)
+    fused_bn: bool | None = None  # the fused BN + ReLU CPU kernel; None: the engine's default
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default (the core count)
     windows: int = 3
@@ -76,6 +77,7 @@ class BenchResult:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
+    fused_bn: bool = False
     device: str = ""
     threads: int = 0
     step_ms: float = 0.0
@@ -91,7 +93,8 @@ class BenchResult:
         layout = "channels_last" if self.channels_last else "NCHW"
         mode = "" if self.compile_mode == "default" else f" ({self.compile_mode})"
         return (f"{self.model} batch {self.batch_size} {self.precision} {layout}"
-                f"{' compiled' + mode if self.compile else ' eager'} on {self.device} ({self.threads} threads)")
+                f"{' compiled' + mode if self.compile else ' eager'}{' fused-BN' if self.fused_bn else ''}"
+                f" on {self.device} ({self.threads} threads)")
 
 
 def mfu(images_per_s: float, train_gflop_per_image: float, peak_gflops: float) -> float:
@@ -216,7 +219,7 @@ def _run_train_bench(cfg: BenchConfig, peak_gflops: float | None) -> BenchResult
         images_per_s=rate, mfu=mfu(rate, flops, peak), peak_gflops=peak, train_gflop_per_image=flops,
         peak_rss_mb=rss.peak_mb, model=cfg.model, batch_size=cfg.batch_size, precision=runtime.precision,
         peak_precision=peak_dtype, channels_last=bool(runtime.channels_last), compile=runtime.compile, compile_mode=runtime.compile_mode,
-        device=str(device),
+        fused_bn=runtime.fused_bn, device=str(device),
         threads=torch.get_num_threads(), step_ms=1000 * best.seconds / best.steps, warmup_s=warmup_s,
         mean_images_per_s=total_steps * cfg.batch_size / sum(w.seconds for w in windows),
         foreign_cores=best.foreign_cores,

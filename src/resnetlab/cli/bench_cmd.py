@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                        help="torch.compile the model (compile time is reported separately); MODE is "
                             "torch.compile's (default: default; reduce-overhead records CUDA graphs on CUDA)")
+    train.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="the fused BN + ReLU CPU kernel (default: what `resnetlab train` uses here)")
     train.add_argument("--baseline", action="store_true",
                        help="also measure the standard recipe (fp32, NCHW, per-sample transforms in a "
                             "DataLoader with 2 workers, eager) and print the speed-up")
@@ -67,7 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
                       precision=args.precision, channels_last=args.channels_last, compile=args.compile is not None,
-                      compile_mode=args.compile or "default", device=args.device, threads=args.threads, retry_seconds=args.retry_seconds)
+                      compile_mode=args.compile or "default", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
+                      retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -15,6 +15,7 @@ from torch import nn
 from resnetlab.artifacts.env import cpu_name
 from resnetlab.config import RuntimeSection
 from resnetlab.errors import ConfigError
+from resnetlab.kernels import fused_bn_relu, load_bn_relu_extension
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,6 +29,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
+    fused_bn: bool = False  # the fused BN + ReLU CPU kernel inside autocast() (resnetlab.kernels)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -39,10 +41,15 @@ class Runtime:
         return torch.compile(module, mode=self.compile_mode)
 
     def autocast(self):
-        """The forward-pass context: autocast to bf16/fp16, or nothing for exact fp32."""
+        """The forward-pass context: autocast to bf16/fp16 (with the fused BN + ReLU kernel where it
+        is on), or nothing for exact fp32."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+        context = contextlib.ExitStack()
+        context.enter_context(torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision]))
+        if self.fused_bn:
+            context.enter_context(fused_bn_relu())
+        return context
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -59,7 +66,8 @@ class Runtime:
     def describe(self) -> dict:
         return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile,
-                "compile_mode": self.compile_mode if self.compile else None, "threads": torch.get_num_threads()}
+                "compile_mode": self.compile_mode if self.compile else None, "fused_bn": self.fused_bn,
+                "threads": torch.get_num_threads()}
 
 
 def resolve_runtime(cfg: RuntimeSection) -> Runtime:
@@ -72,7 +80,27 @@ def resolve_runtime(cfg: RuntimeSection) -> Runtime:
     # faster in both CPU precisions measured (see resolve_precision), and on an H100 too: ResNet-20
     # fp32 18,203 images/s channels_last vs 13,918 NCHW (benchmarks/RESULTS-cuda.md)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
-    return Runtime(device, precision, channels_last, cfg.compile, cfg.compile_mode)
+    fused_bn = resolve_fused_bn(cfg.fused_bn, device, precision, channels_last, cfg.compile)
+    return Runtime(device, precision, channels_last, cfg.compile, cfg.compile_mode, fused_bn)
+
+
+def resolve_fused_bn(setting: bool | str, device: torch.device, precision: str, channels_last: bool,
+                     compile: bool) -> bool:
+    """runtime.fused_bn resolved. The kernel is written for bf16 channels_last CPU tensors; under
+    torch.compile the compiled graph runs the native operators. auto: on where it applies and builds
+    (ResNet-20 training steps ~N % faster on the 2-core Zen 4, docs/speed-notes.md)."""
+    applies = device.type == "cpu" and precision == "bf16" and channels_last and not compile
+    if setting is False or (setting == "auto" and not applies):
+        return False
+    if not applies:
+        raise ConfigError("runtime.fused_bn=true needs runtime.device=cpu, precision=bf16, channels_last "
+                          "and compile off (the kernel is for bf16 channels_last CPU tensors)")
+    if load_bn_relu_extension() is None:
+        if setting is True:
+            raise ConfigError("runtime.fused_bn=true but the fused kernel could not be built here "
+                              "(needs a C++ compiler and ninja); set runtime.fused_bn=auto or false")
+        return False
+    return True
 
 
 @contextlib.contextmanager

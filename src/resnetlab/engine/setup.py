@@ -25,7 +25,7 @@ def resolved_config(config: RunConfig, dist: DistInfo = SINGLE) -> RunConfig:
         channels_last = False
     return config.replace(**{
         "runtime.device": str(device_for_rank(runtime.device, dist)), "runtime.precision": runtime.precision,
-        "runtime.channels_last": channels_last,
+        "runtime.channels_last": channels_last, "runtime.fused_bn": runtime.fused_bn and channels_last,
     })
 
 

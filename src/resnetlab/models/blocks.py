@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from resnetlab.kernels import bn_relu
 from resnetlab.models.layers import conv1x1, conv3x3
 
 POST_ACTIVATION_VARIANTS = ("reference", "no_relu", "bn_after_add", "bn_after_add_no_relu")
@@ -37,12 +38,15 @@ class _PostActivationBlock(nn.Module):
         self.relu_after_add = not variant.endswith("no_relu")
 
     def _merge(self, branch: torch.Tensor, x: torch.Tensor, last_bn: nn.BatchNorm2d) -> torch.Tensor:
-        if not self.residual:
-            out = last_bn(branch)
-        else:
+        shortcut = None
+        if self.residual:
             shortcut = x if self.downsample is None else self.downsample(x)
-            out = last_bn(branch + shortcut) if self.bn_after_add else last_bn(branch) + shortcut
-        return self.relu(out) if self.relu_after_add else out
+            if self.bn_after_add:
+                branch, shortcut = branch + shortcut, None
+        if self.relu_after_add:
+            return bn_relu(last_bn, branch, shortcut)  # relu(bn(branch) [+ shortcut])
+        out = last_bn(branch)
+        return out if shortcut is None else out + shortcut
 
     def _zero_init(self, last_conv: nn.Conv2d, last_bn: nn.BatchNorm2d) -> None:
         # Start each residual branch at zero, so the block starts as (close to) the identity
@@ -65,13 +69,13 @@ class BasicBlock(_PostActivationBlock):
         # Modules in torchvision's order, so that printed models and state_dicts read the same.
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # as in torchvision's module tree; the ReLUs run in bn_relu
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = bn_relu(self.bn1, self.conv1(x))
         return self._merge(self.conv2(out), x, self.bn2)
 
     def zero_init_last(self) -> None:
@@ -95,12 +99,12 @@ class Bottleneck(_PostActivationBlock):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # as in torchvision's module tree; the ReLUs run in bn_relu
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
         return self._merge(self.conv3(out), x, self.bn3)
 
     def zero_init_last(self) -> None:
@@ -119,11 +123,11 @@ class _PreActivationBlock(nn.Module):
         super().__init__()
         self.residual = residual
         self.bn1 = nn.BatchNorm2d(in_planes) if preact_input else None
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # as in torchvision's module tree; the ReLUs run in bn_relu
 
     def _preactivate(self, x: torch.Tensor) -> torch.Tensor:
         # Not in place: the identity shortcut still needs x.
-        return x if self.bn1 is None else torch.relu(self.bn1(x))
+        return x if self.bn1 is None else bn_relu(self.bn1, x)
 
     def _add_shortcut(self, branch: torch.Tensor, x: torch.Tensor, preactivated: torch.Tensor) -> torch.Tensor:
         if not self.residual:
@@ -148,7 +152,7 @@ class PreActBasicBlock(_PreActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
         out = self.conv1(pre)
-        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv2(bn_relu(self.bn2, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
@@ -172,8 +176,8 @@ class PreActBottleneck(_PreActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
         out = self.conv1(pre)
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = self.conv2(bn_relu(self.bn2, out))
+        out = self.conv3(bn_relu(self.bn3, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from resnetlab.kernels import bn_relu
 from resnetlab.models.blocks import block_class
 from resnetlab.models.layers import GlobalAvgPool, conv3x3, make_shortcut
 
@@ -44,7 +45,7 @@ class ResNet(nn.Module):
         # The pre-activation CIFAR net feeds the stem conv straight into the first block's BN-ReLU
         # (He et al. 2016); the ImageNet stem keeps its BN-ReLU before the max-pool in both kinds.
         self.bn1 = None if preact and cfg.stem == "cifar" else nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True)  # as in torchvision's module tree; the ReLUs run in bn_relu
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if cfg.stem == "imagenet" else None
 
         self.stage_names = tuple(f"layer{i + 1}" for i in range(len(cfg.stage_blocks)))
@@ -100,13 +101,13 @@ class ResNet(nn.Module):
         """The last feature map, before pooling."""
         x = self.conv1(x)
         if self.bn1 is not None:
-            x = self.relu(self.bn1(x))
+            x = bn_relu(self.bn1, x)
         if self.maxpool is not None:
             x = self.maxpool(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
         if self.final_bn is not None:
-            x = self.relu(self.final_bn(x))
+            x = bn_relu(self.final_bn, x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""Builds the C++ kernels on first use with torch's JIT extension loader (a C++ compiler and ninja
+needed; about a minute once, then cached by torch under TORCH_EXTENSIONS_DIR or ~/.cache)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
+
+
+def _machine_tag() -> str:
+    # The kernel is compiled for this CPU (-march=native) and this torch's ABI: a home directory
+    # shared between machines or torch versions must not load another one's build.
+    cpu = platform.machine() + platform.processor()
+    try:
+        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return hashlib.sha1(f"{cpu}|{torch.__version__}|{sys.version_info[:2]}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load_bn_relu_extension():
+    """The compiled bn_relu extension module, or None (with one warning) where it can't be built."""
+    from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
+
+    name = f"resnetlab_bn_relu_{_machine_tag()}"
+    try:
+        return load(name=name, sources=[str(BN_RELU_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a CPU the flags don't fit: the native operators still work
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"the fused BN+ReLU CPU kernel could not be built ({reason}); using the native operators",
+                      stacklevel=2)
+        return None
