@@ -36,6 +36,7 @@ def layer_ms(fused: bool, channels: int, side: int, with_shortcut: bool, repeats
         with fused_bn_relu(fused):
             out = bn_relu(bn, x, shortcut)
         out.backward(grad)
+        x.grad = None  # no gradient accumulation in the timing
         if i >= 5:
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)

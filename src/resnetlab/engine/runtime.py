@@ -88,7 +88,7 @@ def resolve_fused_bn(setting: bool | str, device: torch.device, precision: str, 
                      compile: bool) -> bool:
     """runtime.fused_bn resolved. The kernel is written for bf16 channels_last CPU tensors; under
     torch.compile the compiled graph runs the native operators. auto: on where it applies and builds
-    (ResNet-20 training steps ~N % faster on the 2-core Zen 4, docs/speed-notes.md)."""
+    (ResNet-20 training steps about 9 % faster on the 2-core Zen 4: docs/speed-notes.md)."""
     applies = device.type == "cpu" and precision == "bf16" and channels_last and not compile
     if setting is False or (setting == "auto" and not applies):
         return False
