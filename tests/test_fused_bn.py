@@ -207,3 +207,11 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
             assert torch.equal(bn_relu(bn, x), F.relu(bn(x)))
     finally:
         build.load_bn_relu_extension.cache_clear()
+
+
+@needs_kernel
+def test_the_first_build_is_announced_and_later_loads_are_not(tmp_path, monkeypatch):
+    name = load_bn_relu_extension().__name__
+    assert build._already_built(name)  # this process loaded it: its build directory holds it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not build._already_built(name)  # an empty extensions directory: the build would be announced

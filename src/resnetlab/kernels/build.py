@@ -31,6 +31,8 @@ def load_bn_relu_extension():
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
 
     name = f"resnetlab_bn_relu_{_machine_tag()}"
+    if not _already_built(name):
+        print("resnetlab: compiling the fused BN + ReLU kernel for this CPU (once, about a minute)", file=sys.stderr)
     try:
         return load(name=name, sources=[str(BN_RELU_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
@@ -39,3 +41,12 @@ def load_bn_relu_extension():
         warnings.warn(f"the fused BN+ReLU CPU kernel could not be built ({reason}); using the native operators",
                       stacklevel=2)
         return None
+
+
+def _already_built(name: str) -> bool:
+    try:  # torch's own build-directory rule (a private helper, hence the guard)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}.*"))
+    except Exception:
+        return True  # unknown: say nothing rather than something wrong
