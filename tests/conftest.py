@@ -22,7 +22,8 @@ def _small_deterministic_torch():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests never write to the user's ~/.cache; the shared JPEG cache is reused across a session."""
+    """Tests never write to resnetlab's cache in ~/.cache; the shared JPEG cache is reused across a
+    session. (The fused kernel's one-time build goes to torch's extensions cache, as a user's run's would.)"""
     monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path_factory.getbasetemp() / "resnetlab-cache"))
 
 
