@@ -27,7 +27,9 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does (inputs are finite here)
+// Round to nearest even, as torch does. No NaN special case (it would cost the loops their vectorisation):
+// a NaN whose payload lies only in the low 16 bits becomes inf, still non-finite for the divergence check.
+inline uint16_t float_to_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   bits += 0x7FFFu + ((bits >> 16) & 1u);
