@@ -40,10 +40,10 @@ bench() {  # NAME ARGS...: one `bench train --json`, its JSON kept, its errors s
     fi
 }
 # Long windows: a CIFAR ResNet step takes milliseconds on these GPUs.
-bench resnet20-fp32-eager --model resnet20 --precision fp32 --steps 600 --warmup-steps 50
+bench resnet20-fp32-eager --model resnet20 --precision fp32 --no-compile --steps 600 --warmup-steps 50
 bench resnet20-fp32-cudagraphs --model resnet20 --precision fp32 --compile reduce-overhead --steps 600 --warmup-steps 50
 bench resnet20-bf16-cudagraphs --model resnet20 --precision bf16 --compile reduce-overhead --steps 600 --warmup-steps 50
-bench resnet56-fp32-eager --model resnet56 --precision fp32 --steps 300 --warmup-steps 30
+bench resnet56-fp32-eager --model resnet56 --precision fp32 --no-compile --steps 300 --warmup-steps 30
 bench resnet56-fp32-cudagraphs --model resnet56 --precision fp32 --compile reduce-overhead --steps 300 --warmup-steps 30
 
 "$py" - "$out" <<'EOF'

@@ -58,20 +58,20 @@ def training_cases(quick: bool, bf16: bool = True, default_precision: str = "bf1
     p, tag = default_precision, default_precision
     cases = [
         Case("ResNet-20, resnetlab defaults vs the standard recipe", cfg(), baseline=True),
-        Case("ResNet-20, fp32, NCHW, eager", cfg(precision="fp32", channels_last=False),
-             flags=["--precision fp32", "--no-channels-last"]),
-        Case("ResNet-20, fp32, channels_last, eager", cfg(precision="fp32", channels_last=True),
-             flags=["--precision fp32", "--channels-last"]),
+        Case("ResNet-20, fp32, NCHW, eager", cfg(precision="fp32", channels_last=False, compile=False),
+             flags=["--precision fp32", "--no-channels-last", "--no-compile"]),
+        Case("ResNet-20, fp32, channels_last, eager", cfg(precision="fp32", channels_last=True, compile=False),
+             flags=["--precision fp32", "--channels-last", "--no-compile"]),
     ]
     if bf16:
         cases += [
-            Case("ResNet-20, bf16, NCHW, eager", cfg(precision="bf16", channels_last=False),
-                 flags=["--precision bf16", "--no-channels-last"]),
-            Case("ResNet-20, bf16, channels_last, eager", cfg(precision="bf16", channels_last=True),
-                 flags=["--precision bf16", "--channels-last"]),
+            Case("ResNet-20, bf16, NCHW, eager", cfg(precision="bf16", channels_last=False, compile=False),
+                 flags=["--precision bf16", "--no-channels-last", "--no-compile"]),
+            Case("ResNet-20, bf16, channels_last, eager", cfg(precision="bf16", channels_last=True, compile=False),
+                 flags=["--precision bf16", "--channels-last", "--no-compile"]),
             Case("ResNet-20, bf16, channels_last, eager, native BN + ReLU (no fused kernel)",
-                 cfg(precision="bf16", channels_last=True, fused_bn=False),
-                 flags=["--precision bf16", "--channels-last", "--no-fused-bn"]),
+                 cfg(precision="bf16", channels_last=True, fused_bn=False, compile=False),
+                 flags=["--precision bf16", "--channels-last", "--no-fused-bn", "--no-compile"]),
         ]
     return cases + [
         Case(f"ResNet-20, {tag}, channels_last, torch.compile", cfg(precision=p, channels_last=True, compile=True),

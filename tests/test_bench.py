@@ -179,11 +179,13 @@ def test_cli_compile_flag_reaches_the_engine_config(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(report, "compare", lambda cfg, **kwargs: seen.append(cfg) or Comparison(None, None))
     monkeypatch.setattr(Comparison, "text", lambda self: "")
-    for flags, mode in ((["--compile", "reduce-overhead"], "reduce-overhead"), (["--compile"], "default"), ([], None)):
-        assert main(["bench", "train", "--model", "resnet8", *flags]) == 0
+    cases = [(["--compile", "reduce-overhead"], True, "reduce-overhead"), (["--compile"], True, "default"),
+             ([], False, "default"), (["--no-compile"], False, "default")]  # on the CPU: auto is eager
+    for flags, compiled, mode in cases:
+        assert main(["bench", "train", "--model", "resnet8", "--device", "cpu", *flags]) == 0
         runtime = bench_run_config(seen[-1]).runtime
-        assert runtime.compile is (mode is not None)
-        assert runtime.compile_mode == (mode or "default")
+        assert runtime.compile is compiled
+        assert runtime.compile_mode == mode
 
 
 def test_random_crop_is_a_window_of_the_zero_padded_image():

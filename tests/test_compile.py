@@ -12,7 +12,7 @@ from trainkit import tiny_config, write_synthetic_cifar10
 from resnetlab.artifacts.checkpoint import read_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.config import validate_config
-from resnetlab.engine.runtime import Runtime
+from resnetlab.engine.runtime import Runtime, resolve_compile
 from resnetlab.engine.train import train
 from resnetlab.errors import ConfigError
 
@@ -74,10 +74,40 @@ def test_the_train_flag_sets_compile_and_its_mode(monkeypatch):
     assert seen["config"].runtime.compile is True and seen["config"].runtime.compile_mode == "reduce-overhead"
     seen.clear()
     assert cli_main(["train", "--out", "unused", "--compile"]) == 0
-    assert seen["config"].runtime.compile is True and seen["config"].runtime.compile_mode == "default"
+    assert seen["config"].runtime.compile is True and seen["config"].runtime.compile_mode == "auto"
+    seen.clear()
+    assert cli_main(["train", "--out", "unused", "--no-compile"]) == 0
+    assert seen["config"].runtime.compile is False
     seen.clear()
     assert cli_main(["train", "--out", "unused"]) == 0
-    assert seen["config"].runtime.compile is False
+    assert seen["config"].runtime.compile == "auto" and seen["config"].runtime.compile_mode == "auto"
+
+
+def test_compile_and_no_compile_flags_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["train", "--out", "unused", "--compile", "--no-compile"])
+    assert stop.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
+    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (True, "reduce-overhead")
+    assert resolve_compile("auto", "auto", cuda, distributed=True, accum_steps=1)[0] is False
+    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=2)[0] is False
+    assert resolve_compile("auto", "auto", cpu, distributed=False, accum_steps=1) == (False, "default")
+    # what is asked for explicitly is kept
+    assert resolve_compile(True, "auto", cpu, distributed=False, accum_steps=1) == (True, "default")
+    assert resolve_compile(True, "auto", cuda, distributed=True, accum_steps=4) == (True, "reduce-overhead")
+    assert resolve_compile(False, "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
+    assert resolve_compile("auto", "max-autotune", cuda, distributed=False, accum_steps=1) == (True, "max-autotune")
+
+
+def test_the_saved_config_says_whether_the_run_compiled(synthetic, tmp_path):
+    """compile auto on the CPU trains eagerly, and config.json records the resolved values."""
+    _one_epoch(synthetic, tmp_path / "run", device="cpu")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["runtime"]["compile"] is False and saved["runtime"]["compile_mode"] == "default"
 
 
 def test_an_unknown_compile_flag_value_exits_2(capsys):

@@ -233,10 +233,15 @@ class RuntimeSection(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
-    compile: bool = False
+    # torch.compile of the model. auto: on for single-process CUDA training without gradient
+    # accumulation, in CUDA-graph mode (fast-cifar ResNet-20 on an H200: 30 epochs in 140 s with CUDA
+    # graphs, compile included; eager took 225 s for 29 of them; benchmarks/RESULTS-cuda.md); off on the CPU,
+    # where the eager step with the fused BN kernel is faster (benchmarks/RESULTS.md).
+    compile: bool | Literal["auto"] = "auto"
     # torch.compile's mode. "reduce-overhead" records CUDA graphs on CUDA (one launch per step instead
     # of hundreds: what launch-bound small nets need); on the CPU it compiles as "default" does.
-    compile_mode: Literal[COMPILE_MODES] = "default"
+    # auto: reduce-overhead on CUDA, default elsewhere.
+    compile_mode: Literal[("auto", *COMPILE_MODES)] = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
     # BN + (residual addition +) ReLU as one C++ kernel (resnetlab/kernels), built on first use.
     # auto: on for CPU training in bf16 channels_last without compile, where it is measured faster

@@ -40,8 +40,8 @@ class BenchConfig:
     warmup_steps: int = 10  # untimed: oneDNN kernel selection, allocator growth, torch.compile
     precision: str = "auto"
     channels_last: bool | None = None  # None: the engine's default for the device
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs on CUDA)
+    compile: bool | str = "auto"  # auto: what `resnetlab train` does (compiled on CUDA, eager on the CPU)
+    compile_mode: str = "auto"  # torch.compile's mode (auto: reduce-overhead, i.e. CUDA graphs, on CUDA)
     fused_bn: bool | None = None  # the fused BN + ReLU CPU kernel; None: the engine's default
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default (the core count)

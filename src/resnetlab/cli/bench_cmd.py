@@ -29,9 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="auto: bf16 where the CPU/GPU computes it natively, else fp32 (default: auto)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format (default: what `resnetlab train` uses on this device)")
-    train.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                       help="torch.compile the model (compile time is reported separately); MODE is "
-                            "torch.compile's (default: default; reduce-overhead records CUDA graphs on CUDA)")
+    compiling = train.add_mutually_exclusive_group()
+    compiling.add_argument("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES), metavar="MODE",
+                           help="torch.compile the model (compile time is reported separately); MODE is "
+                                "torch.compile's (default: auto: reduce-overhead, recording CUDA graphs, on "
+                                "CUDA, default elsewhere). Without the flag: what `resnetlab train` does here")
+    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                           help="eager, also on CUDA")
     train.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=None,
                        help="the fused BN + ReLU CPU kernel (default: what `resnetlab train` uses here)")
     train.add_argument("--baseline", action="store_true",
@@ -68,8 +72,8 @@ def run_train(args: argparse.Namespace) -> int:
     from resnetlab.bench.train_bench import BenchConfig
 
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
-                      precision=args.precision, channels_last=args.channels_last, compile=args.compile is not None,
-                      compile_mode=args.compile or "default", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
+                      precision=args.precision, channels_last=args.channels_last, compile="auto" if args.compile is None else args.compile is not False,
+                      compile_mode=args.compile or "auto", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
                       retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:

@@ -29,9 +29,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set (0: none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                        help="torch.compile the model; MODE is torch.compile's (default: default; "
-                             "reduce-overhead records CUDA graphs on CUDA)")
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES), metavar="MODE",
+                           help="torch.compile the model; MODE is torch.compile's (default: auto, which is "
+                                "reduce-overhead, recording CUDA graphs, on CUDA and default elsewhere). "
+                                "Without the flag: compiled on CUDA (single process), eager on the CPU")
+    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                           help="train eagerly (no torch.compile), also on CUDA")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.05 --set schedule.milestones=[80,160]")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
@@ -74,7 +78,8 @@ def config_from_args(args):
     flags = {
         "model.name": args.model, "data.dir": args.data_dir, "out": args.out, "train.seed": args.seed,
         "data.val_size": args.val_size, "runtime.device": args.device, "runtime.precision": args.precision,
-        "runtime.compile": True if args.compile else None, "runtime.compile_mode": args.compile,
+        "runtime.compile": None if args.compile is None else args.compile is not False,
+        "runtime.compile_mode": args.compile or None,
         "train.checkpoint_every_steps": args.checkpoint_every,
         "data.skip_bad_images": args.skip_bad_images,
     }  # fmt: skip

@@ -61,6 +61,8 @@ def lr_range_test(config: RunConfig, *, start_lr: float = 1e-7, end_lr: float = 
 
 
 def _sweep(config: RunConfig, sweep: ExponentialSweep, smoothing: float, stop_factor: float) -> LrFindResult:
+    if config.runtime.compile == "auto":  # a probe of ~100 steps: compiling would cost more than it saves
+        config = config.replace(**{"runtime.compile": False})
     config = resolved_config(config)
     data = load_train_data(config, config.runtime)
     trainer = build_trainer(config, data)
