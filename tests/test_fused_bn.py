@@ -79,6 +79,21 @@ def test_outputs_and_gradients_match_float64_batch_norm_within_bf16_rounding(cha
 
 
 @needs_kernel
+@pytest.mark.parametrize("channels", [16, 64])
+def test_the_backward_pass_recomputes_the_forward_relu_mask_exactly(channels):
+    """Without a residual the backward pass does not keep y: it recomputes y > 0 from x. The bias
+    gradient is the sum of the masked output gradient, so one element masked differently from the
+    forward pass would move it by about |dy| (here >= 0.5), far beyond fp32 summation error."""
+    x = channels_last_bf16(16, channels, 8, 8, scale=1.0, shift=0.0)  # about half the values at or below the kink
+    generator = torch.Generator().manual_seed(3)
+    grad = (torch.rand(x.shape, generator=generator) + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    bn = batch_norm(channels)
+    out, _, _, grad_bias, _ = fused_run(bn, x, None, grad)
+    want = (grad.double() * (out > 0)).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(grad_bias.double(), want, rtol=0, atol=0.05)
+
+
+@needs_kernel
 def test_a_batch_with_a_large_mean_keeps_its_variance():
     # statistics from sums of x and x^2: the double accumulation must keep var accurate when |mean| >> std
     x = channels_last_bf16(16, 16, 8, 8, scale=0.05, shift=8.0)

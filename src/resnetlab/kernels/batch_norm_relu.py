@@ -35,16 +35,17 @@ class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
         y, mean, invstd, var = load_bn_relu_extension().forward(x, weight, bias, residual, eps)
-        ctx.save_for_backward(x, y, weight, mean, invstd)
+        # Without a residual the backward pass recomputes the ReLU mask from x: y is not kept.
+        ctx.save_for_backward(x, y if residual is not None else None, weight, bias, mean, invstd)
         ctx.has_residual = residual is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, y, weight, mean, invstd = ctx.saved_tensors
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
         grad_y = grad_y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grads = load_bn_relu_extension().backward(grad_y, x, y, weight, mean, invstd, ctx.has_residual)
+        grads = load_bn_relu_extension().backward(grad_y, x, y, weight, bias, mean, invstd)
         grad_residual = grads[3] if ctx.has_residual else None
         return grads[0], grads[1], grads[2], grad_residual, None
 
