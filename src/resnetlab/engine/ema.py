@@ -31,8 +31,9 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         shadow, live = zip(*self._averaged)
         torch._foreach_lerp_(list(shadow), list(live), 1 - decay)
-        for mine, theirs in self._copied:
-            mine.copy_(theirs)
+        if self._copied:  # one launch for all BN counters, not one each (they add up on a GPU)
+            mine, theirs = zip(*self._copied)
+            torch._foreach_copy_(list(mine), list(theirs))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
