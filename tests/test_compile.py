@@ -12,6 +12,7 @@ from trainkit import tiny_config, write_synthetic_cifar10
 from resnetlab.artifacts.checkpoint import read_checkpoint
 from resnetlab.cli import main as cli_main
 from resnetlab.config import validate_config
+from resnetlab.engine import runtime as runtime_module
 from resnetlab.engine.runtime import Runtime, resolve_compile
 from resnetlab.engine.train import train
 from resnetlab.errors import ConfigError
@@ -90,7 +91,8 @@ def test_compile_and_no_compile_flags_exclude_each_other(capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
-def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only():
+def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only(monkeypatch):
+    monkeypatch.setattr(runtime_module, "has_triton", lambda: True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
     assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (True, "reduce-overhead")
     assert resolve_compile("auto", "auto", cuda, distributed=True, accum_steps=1)[0] is False
@@ -101,6 +103,13 @@ def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only():
     assert resolve_compile(True, "auto", cuda, distributed=True, accum_steps=4) == (True, "reduce-overhead")
     assert resolve_compile(False, "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
     assert resolve_compile("auto", "max-autotune", cuda, distributed=False, accum_steps=1) == (True, "max-autotune")
+
+
+def test_auto_trains_eagerly_on_cuda_without_triton(monkeypatch):
+    monkeypatch.setattr(runtime_module, "has_triton", lambda: False)
+    cuda = torch.device("cuda")
+    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
+    assert resolve_compile(True, "auto", cuda, distributed=False, accum_steps=1)[0] is True  # asked for: kept
 
 
 def test_the_saved_config_says_whether_the_run_compiled(synthetic, tmp_path):

@@ -3,6 +3,7 @@ and the RNG state that checkpoints carry."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import random
 import warnings
 from dataclasses import dataclass
@@ -101,8 +102,13 @@ def resolve_compile(setting: bool | str, mode: str, device: torch.device, distri
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if setting == "auto":
-        setting = device.type == "cuda" and not distributed and accum_steps == 1
+        # torch.compile on CUDA generates Triton kernels: without Triton, auto trains eagerly
+        setting = device.type == "cuda" and not distributed and accum_steps == 1 and has_triton()
     return setting, mode
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_fused_bn(setting: bool | str, device: torch.device, precision: str, channels_last: bool,
