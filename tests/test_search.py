@@ -123,3 +123,11 @@ def test_trials_skip_the_recipes_final_tta(tmp_path):
 
     config = trial_config(build_config("fast-cifar"), {"optim.lr": 0.05}, tmp_path / "trial")
     assert config.train.final_tta == () and config.optim.lr == 0.05
+
+
+def test_trials_train_eagerly_unless_compile_is_asked_for(tmp_path):
+    from resnetlab.search.objective import trial_config
+
+    assert trial_config(build_config("fast-cifar"), {}, tmp_path / "trial").runtime.compile is False  # was auto
+    asked = build_config("fast-cifar", overrides=["runtime.compile=true"])
+    assert trial_config(asked, {}, tmp_path / "trial").runtime.compile is True

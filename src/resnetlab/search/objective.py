@@ -20,8 +20,13 @@ class TrialOutcome:
 
 def trial_config(base: RunConfig, params: dict[str, float], out: Path | None) -> RunConfig:
     """`base` with the searched values and the trial's run directory; no final TTA evaluation (trials
-    are scored without it, and it would add about a tenth of a short trial's time)."""
-    return base.replace(**params, **{"train.final_tta": []}, out=None if out is None else str(out))
+    are scored without it, and it would add about a tenth of a short trial's time). compile "auto"
+    becomes eager: trials are short and vary the batch size, so CUDA graphs would be compiled again
+    for most of them (about 25 s each on an H200, more than a few epochs of ResNet-20 save)."""
+    changes = {"train.final_tta": []}
+    if base.runtime.compile == "auto":
+        changes["runtime.compile"] = False
+    return base.replace(**params, **changes, out=None if out is None else str(out))
 
 
 def run_trial(base: RunConfig, params: dict[str, float], out: Path,
