@@ -92,7 +92,7 @@ def test_compile_and_no_compile_flags_exclude_each_other(capsys):
 
 
 def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only(monkeypatch):
-    monkeypatch.setattr(runtime_module, "has_triton", lambda: True)
+    monkeypatch.setattr(runtime_module, "triton_supports", lambda device: True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
     assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (True, "reduce-overhead")
     assert resolve_compile("auto", "auto", cuda, distributed=True, accum_steps=1)[0] is False
@@ -105,8 +105,8 @@ def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only(monkeypatc
     assert resolve_compile("auto", "max-autotune", cuda, distributed=False, accum_steps=1) == (True, "max-autotune")
 
 
-def test_auto_trains_eagerly_on_cuda_without_triton(monkeypatch):
-    monkeypatch.setattr(runtime_module, "has_triton", lambda: False)
+def test_auto_trains_eagerly_on_cuda_where_triton_cannot_compile(monkeypatch):
+    monkeypatch.setattr(runtime_module, "triton_supports", lambda device: False)  # not installed, or an old GPU
     cuda = torch.device("cuda")
     assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
     assert resolve_compile(True, "auto", cuda, distributed=False, accum_steps=1)[0] is True  # asked for: kept

@@ -102,13 +102,14 @@ def resolve_compile(setting: bool | str, mode: str, device: torch.device, distri
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if setting == "auto":
-        # torch.compile on CUDA generates Triton kernels: without Triton, auto trains eagerly
-        setting = device.type == "cuda" and not distributed and accum_steps == 1 and has_triton()
+        setting = device.type == "cuda" and not distributed and accum_steps == 1 and triton_supports(device)
     return setting, mode
 
 
-def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_supports(device: torch.device) -> bool:
+    """torch.compile's CUDA kernels are Triton's: Triton must be installed, and it compiles for GPUs
+    of compute capability 7.0 (Volta) and newer only."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def resolve_fused_bn(setting: bool | str, device: torch.device, precision: str, channels_last: bool,
