@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one command for a session that is lent one (about 5-8 minutes
+# The checks that need a CUDA GPU, as one command for a session that is lent one (about 6-9 minutes
 # on an H100/H200; most of it torch.compile): the CUDA-only tests, then `resnetlab bench train` of
-# ResNet-20 and ResNet-56, eager against compiled with CUDA graphs (`--compile reduce-overhead`),
-# the comparison benchmarks/RESULTS-cuda.md still lacks. Run from the repository root with a
-# CUDA build of torch; resnetlab itself is taken from src/ (no install needed).
+# ResNet-20 and ResNet-56, eager against compiled with CUDA graphs (`--compile reduce-overhead`;
+# benchmarks/RESULTS-cuda.md has the H200's), then benchmarks/profile_step.py of fast-cifar steps.
+# Run from the repository root with a CUDA build of torch; resnetlab itself is taken from src/ (no
+# install needed).
 #
 #   bash benchmarks/cuda_check.sh [OUT_DIR]        # default: $OUT, else cuda-check/
 #
-# OUT_DIR gets tests.log and one JSON per benchmark (`bench train --json`); a summary table is
-# printed at the end. A missing dependency (pydantic, say) stops it at once with its name.
+# OUT_DIR gets tests.log, one JSON per benchmark (`bench train --json`) and one profile*.txt per
+# profile; a summary table is printed at the end. A missing dependency (pydantic, say) stops it at
+# once with its name.
 set -uo pipefail
 out=${1:-${OUT:-cuda-check}}
 mkdir -p "$out"
@@ -45,6 +47,14 @@ bench resnet20-fp32-cudagraphs --model resnet20 --precision fp32 --compile reduc
 bench resnet20-bf16-cudagraphs --model resnet20 --precision bf16 --compile reduce-overhead --steps 600 --warmup-steps 50
 bench resnet56-fp32-eager --model resnet56 --precision fp32 --no-compile --steps 300 --warmup-steps 30
 bench resnet56-fp32-cudagraphs --model resnet56 --precision fp32 --compile reduce-overhead --steps 300 --warmup-steps 30
+
+# Host time per step of a whole fast-cifar step (EMA, label smoothing, batch 64), with CUDA graphs
+# (the default on CUDA) and eager: what is left to take out of the training loop around the graphs.
+for args in "--batch 64" "--batch 128" "--batch 64 --compile none"; do
+    name="profile$(echo "$args" | tr -d ' -' )"
+    "$py" benchmarks/profile_step.py $args --device cuda >"$out/$name.txt" 2>&1 \
+        && head -n 3 "$out/$name.txt" || echo "$name: failed: $(tail -n 1 "$out/$name.txt")"
+done
 
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys

@@ -294,3 +294,18 @@ def test_the_cuda_check_script_stops_with_one_line_where_there_is_no_gpu(tmp_pat
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["cuda_check: torch sees no CUDA device"]
     assert list((tmp_path / "out").iterdir()) == []  # nothing measured, nothing written
+
+
+def test_the_step_profile_script_runs_a_recipe_step_on_the_cpu():
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_step.py"), "--device", "cpu", "--batch", "8",
+                           "--steps", "2", "--warmup-steps", "1"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("fast-cifar, resnet20, batch 8: ") and "'device': 'cpu'" in lines[0]
+    assert " ms per step (" in lines[1] and "aten::convolution_backward" in done.stdout
