@@ -109,6 +109,8 @@ def test_resume_mistakes_are_one_line(capsys, synthetic, tmp_path):
     assert_one_line_error(code, err, "already finished")
     code, _, err = run_cli(capsys, "train", "--resume", out, "--epochs", "3")
     assert_one_line_error(code, err, "--epochs cannot be combined with --resume")
+    code, _, err = run_cli(capsys, "train", "--resume", out, "--no-compile")
+    assert_one_line_error(code, err, "--no-compile cannot be combined with --resume")
     (out / "summary.json").unlink()
     state = out / "checkpoints" / "state.safetensors"
     state.write_bytes(b"\x80\x04garbage")  # a pickle is never opened

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from resnetlab.bench.train_bench import PRECISIONS
-from resnetlab.config import COMPILE_MODES
+from resnetlab.cli.compile_flags import add_compile_flags, compile_settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,13 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="auto: bf16 where the CPU/GPU computes it natively, else fp32 (default: auto)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format (default: what `resnetlab train` uses on this device)")
-    compiling = train.add_mutually_exclusive_group()
-    compiling.add_argument("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES), metavar="MODE",
-                           help="torch.compile the model (compile time is reported separately); MODE is "
-                                "torch.compile's (default: auto: reduce-overhead, recording CUDA graphs, on "
-                                "CUDA, default elsewhere). Without the flag: what `resnetlab train` does here")
-    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                           help="eager, also on CUDA")
+    add_compile_flags(train, " (compile time is reported separately)")
     train.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=None,
                        help="the fused BN + ReLU CPU kernel (default: what `resnetlab train` uses here)")
     train.add_argument("--baseline", action="store_true",
@@ -71,9 +65,10 @@ def run_train(args: argparse.Namespace) -> int:
     from resnetlab.bench.report import compare
     from resnetlab.bench.train_bench import BenchConfig
 
+    compiling, compile_mode = compile_settings(args.compile)
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
-                      precision=args.precision, channels_last=args.channels_last, compile="auto" if args.compile is None else args.compile is not False,
-                      compile_mode=args.compile or "auto", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
+                      precision=args.precision, channels_last=args.channels_last, compile="auto" if compiling is None else compiling,
+                      compile_mode=compile_mode or "auto", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
                       retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:

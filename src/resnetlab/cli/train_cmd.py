@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from resnetlab.config import COMPILE_MODES
+from resnetlab.cli.compile_flags import add_compile_flags, compile_settings
 from resnetlab.errors import ResnetlabError
 
 # Flags that describe a new run; with --resume the run's own config.json decides them.
@@ -29,13 +29,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set (0: none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    compiling = parser.add_mutually_exclusive_group()
-    compiling.add_argument("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES), metavar="MODE",
-                           help="torch.compile the model; MODE is torch.compile's (default: auto, which is "
-                                "reduce-overhead, recording CUDA graphs, on CUDA and default elsewhere). "
-                                "Without the flag: compiled on CUDA (single process), eager on the CPU")
-    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                           help="train eagerly (no torch.compile), also on CUDA")
+    add_compile_flags(parser, "")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.05 --set schedule.milestones=[80,160]")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also checkpoint every STEPS steps")
@@ -75,11 +69,11 @@ def config_from_args(args):
 
     if not args.out:
         raise ResnetlabError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    compiling, compile_mode = compile_settings(args.compile)
     flags = {
         "model.name": args.model, "data.dir": args.data_dir, "out": args.out, "train.seed": args.seed,
         "data.val_size": args.val_size, "runtime.device": args.device, "runtime.precision": args.precision,
-        "runtime.compile": None if args.compile is None else args.compile is not False,
-        "runtime.compile_mode": args.compile or None,
+        "runtime.compile": compiling, "runtime.compile_mode": compile_mode,
         "train.checkpoint_every_steps": args.checkpoint_every,
         "data.skip_bad_images": args.skip_bad_images,
     }  # fmt: skip
@@ -92,6 +86,8 @@ def config_from_args(args):
 
 def _refuse_flags_with_resume(args) -> None:
     given = [name for name in CONFIG_FLAGS if getattr(args, name) not in (None, [], False)]
+    if args.compile is False:  # --no-compile: False here is a given flag, not a store_true default
+        given.append("no_compile")
     if given:
         flag = "--" + given[0].replace("_", "-").replace("overrides", "set")
         raise ResnetlabError(f"{flag} cannot be combined with --resume: a resumed run keeps its config.json")
