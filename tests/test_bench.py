@@ -302,9 +302,9 @@ def test_the_step_profile_script_runs_a_recipe_step_on_the_cpu():
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_step.py"), "--device", "cpu", "--batch", "8",
-                           "--steps", "2", "--warmup-steps", "1"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    command = [sys.executable, str(root / "benchmarks" / "profile_step.py"), "--device", "cpu", "--batch", "8",
+               "--steps", "2", "--warmup-steps", "1"]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("fast-cifar, resnet20, batch 8: ") and "'device': 'cpu'" in lines[0]

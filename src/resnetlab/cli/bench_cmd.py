@@ -67,8 +67,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     compiling, compile_mode = compile_settings(args.compile)
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
-                      precision=args.precision, channels_last=args.channels_last, compile="auto" if compiling is None else compiling,
-                      compile_mode=compile_mode or "auto", fused_bn=args.fused_bn, device=args.device, threads=args.threads,
+                      precision=args.precision, channels_last=args.channels_last,
+                      compile="auto" if compiling is None else compiling, compile_mode=compile_mode or "auto",
+                      fused_bn=args.fused_bn, device=args.device, threads=args.threads,
                       retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:

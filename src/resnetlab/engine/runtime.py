@@ -98,7 +98,8 @@ def resolve_compile(setting: bool | str, mode: str, device: torch.device, distri
     fast-cifar run trained its 30 epochs in 140 s, compile included, where eager took 225 s for 29 of
     them. Not under several processes or gradient accumulation, where CUDA graphs were never tried
     on a GPU. On the CPU the compiled step was slower than the eager one with the fused BN kernel
-    (993 against 1,071 images/s, benchmarks/RESULTS.md). mode auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere."""
+    (963 against 1,069 images/s, benchmarks/RESULTS.md). mode auto: reduce-overhead (CUDA graphs) on
+    CUDA, default elsewhere."""
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if setting == "auto":
