@@ -50,7 +50,8 @@ bench resnet56-fp32-cudagraphs --model resnet56 --precision fp32 --compile reduc
 
 # Host time per step of a whole fast-cifar step (EMA, label smoothing, batch 64), with CUDA graphs
 # (the default on CUDA) and eager: what is left to take out of the training loop around the graphs.
-for args in "--batch 64" "--batch 128" "--batch 64 --compile none"; do
+# The last: CUDA graphs with gradient accumulation (two replays per step; auto keeps such runs eager).
+for args in "--batch 64" "--batch 128" "--batch 64 --compile none" "--batch 128 --accum-steps 2 --compile reduce-overhead"; do
     name="profile$(echo "$args" | tr -d ' -' )"
     "$py" benchmarks/profile_step.py $args --device cuda >"$out/$name.txt" 2>&1 \
         && head -n 3 "$out/$name.txt" || echo "$name: failed: $(tail -n 1 "$out/$name.txt")"

@@ -7,7 +7,7 @@ graphs replay the forward and backward passes, so what is left is host work arou
 most self CPU time, and on CUDA the kernel and graph launches per step, for the next lent GPU:
 
     python benchmarks/profile_step.py [--recipe fast-cifar] [--batch 64] [--device cuda]
-                                      [--compile reduce-overhead] [--steps 30]
+                                      [--compile reduce-overhead] [--accum-steps 1] [--steps 30]
 
 Synthetic CIFAR-sized data; `PYTHONPATH=src` or an installed resnetlab.
 """
@@ -29,7 +29,7 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 
 def stepper_for(args: argparse.Namespace) -> EngineStepper:
     overrides = [f"model.name={args.model}", f"train.batch_size={args.batch}", "train.drop_last=true",
-                 f"runtime.device={args.device}"]
+                 f"train.accum_steps={args.accum_steps}", f"runtime.device={args.device}"]
     if args.compile == "none":
         overrides.append("runtime.compile=false")
     elif args.compile != "auto":
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default="auto", help="auto (the default's choice), none, or a torch.compile mode")
+    parser.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=20)
     args = parser.parse_args()
@@ -71,7 +72,8 @@ def main() -> None:
             stepper.step()
         synchronize()
     events = prof.key_averages()
-    print(f"{args.recipe}, {args.model}, batch {args.batch}: {runtime.describe()}")
+    accum = f" in {args.accum_steps} micro-batches" if args.accum_steps > 1 else ""
+    print(f"{args.recipe}, {args.model}, batch {args.batch}{accum}: {runtime.describe()}")
     print(f"{step_ms:.2f} ms per step ({args.batch / step_ms * 1e3:,.0f} images/s) unprofiled, mean of {args.steps}")
     launches = {e.key: e.count / args.steps for e in events if e.key in LAUNCHES}
     if launches:

@@ -94,22 +94,21 @@ def test_compile_and_no_compile_flags_exclude_each_other(capsys):
 def test_auto_compiles_with_cuda_graphs_on_a_single_cuda_process_only(monkeypatch):
     monkeypatch.setattr(runtime_module, "triton_supports", lambda device: True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
-    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (True, "reduce-overhead")
-    assert resolve_compile("auto", "auto", cuda, distributed=True, accum_steps=1)[0] is False
-    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=2)[0] is False
-    assert resolve_compile("auto", "auto", cpu, distributed=False, accum_steps=1) == (False, "default")
+    assert resolve_compile("auto", "auto", cuda, distributed=False) == (True, "reduce-overhead")
+    assert resolve_compile("auto", "auto", cuda, distributed=True)[0] is False
+    assert resolve_compile("auto", "auto", cpu, distributed=False) == (False, "default")
     # what is asked for explicitly is kept
-    assert resolve_compile(True, "auto", cpu, distributed=False, accum_steps=1) == (True, "default")
-    assert resolve_compile(True, "auto", cuda, distributed=True, accum_steps=4) == (True, "reduce-overhead")
-    assert resolve_compile(False, "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
-    assert resolve_compile("auto", "max-autotune", cuda, distributed=False, accum_steps=1) == (True, "max-autotune")
+    assert resolve_compile(True, "auto", cpu, distributed=False) == (True, "default")
+    assert resolve_compile(True, "auto", cuda, distributed=True) == (True, "reduce-overhead")
+    assert resolve_compile(False, "auto", cuda, distributed=False) == (False, "reduce-overhead")
+    assert resolve_compile("auto", "max-autotune", cuda, distributed=False) == (True, "max-autotune")
 
 
 def test_auto_trains_eagerly_on_cuda_where_triton_cannot_compile(monkeypatch):
     monkeypatch.setattr(runtime_module, "triton_supports", lambda device: False)  # not installed, or an old GPU
     cuda = torch.device("cuda")
-    assert resolve_compile("auto", "auto", cuda, distributed=False, accum_steps=1) == (False, "reduce-overhead")
-    assert resolve_compile(True, "auto", cuda, distributed=False, accum_steps=1)[0] is True  # asked for: kept
+    assert resolve_compile("auto", "auto", cuda, distributed=False) == (False, "reduce-overhead")
+    assert resolve_compile(True, "auto", cuda, distributed=False)[0] is True  # asked for: kept
 
 
 def test_the_saved_config_says_whether_the_run_compiled(synthetic, tmp_path):
@@ -130,15 +129,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("policy", ["fixed", "dynamic"])
-def test_a_cuda_graph_run_trains_like_the_eager_run_on_cuda(synthetic, tmp_path, policy):
+@pytest.mark.parametrize("policy, accum_steps", [("fixed", 1), ("dynamic", 1), ("fixed", 2)])
+def test_a_cuda_graph_run_trains_like_the_eager_run_on_cuda(synthetic, tmp_path, policy, accum_steps):
     """CUDA graphs replay recorded kernels on fixed memory: the per-step lr, the meters summed on the
-    device while the graphs reuse their output memory, and the dynamic BN momentum (a counter
-    buffer zeroed between replays) must still give the eager run's numbers."""
+    device while the graphs reuse their output memory, the dynamic BN momentum (a counter buffer
+    zeroed between replays) and gradient accumulation (two forward and backward replays per step,
+    their gradients summed) must still give the eager run's numbers."""
     common = {"device": "cuda", "precision": "fp32", "channels_last": True}
 
     def run(out, **runtime):
-        config = tiny_config(synthetic, out, **{"train.epochs": 2, "data.val_size": 40, "bn.policy": policy})
+        config = tiny_config(synthetic, out, **{"train.epochs": 2, "data.val_size": 40, "bn.policy": policy,
+                                                "train.accum_steps": accum_steps})
         config["runtime"].update(common, **runtime)
         return train(validate_config(config), progress="none")
 

@@ -233,8 +233,8 @@ class RuntimeSection(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
-    # torch.compile of the model. auto: on for single-process CUDA training without gradient
-    # accumulation (where Triton can compile), in CUDA-graph mode (fast-cifar ResNet-20 on an H200:
+    # torch.compile of the model. auto: on for single-process CUDA training (where Triton can
+    # compile), in CUDA-graph mode (fast-cifar ResNet-20 on an H200:
     # 30 epochs in 140 s with CUDA graphs, compile included; eager took 225 s for 29 of them;
     # benchmarks/RESULTS-cuda.md); off on the CPU, where the eager step with the fused BN kernel is
     # faster (benchmarks/RESULTS.md).

@@ -40,17 +40,18 @@ class _SyntheticData:
 
 
 class EngineStepper:
-    """`step()` takes the next batch from the loader (a new epoch when one ends) and runs
-    `Trainer.train_step` on it."""
+    """`step()` takes the next batch from the loader (a new epoch when one ends), or the next
+    train.accum_steps micro-batches, and runs `Trainer.train_step` on it."""
 
     def __init__(self, config: RunConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int):
         runtime = config.runtime
+        self.accum_steps = config.train.accum_steps
         loader = InMemoryLoader(
-            images, labels, batch_size=config.train.batch_size, shuffle=True, drop_last=True, seed=config.train.seed,
+            images, labels, batch_size=config.train.batch_size // self.accum_steps, shuffle=True, drop_last=True, seed=config.train.seed,
             device=runtime.device, normalizer=compute_normalizer(images, config.data.normalization),
             augment=augment_spec(config), channels_last=runtime.channels_last is True,
         )  # fmt: skip
-        data = _SyntheticData(loader, num_classes, len(loader), total_steps=10**9)
+        data = _SyntheticData(loader, num_classes, len(loader) // self.accum_steps, total_steps=10**9)
         self.trainer = build_trainer(config, data)
         default_bn_momentum(self.trainer)
         self.batches = self._endless(loader)
@@ -65,7 +66,8 @@ class EngineStepper:
 
     def step(self) -> None:
         batch, (x, y) = next(self.batches)
-        self.trainer.train_step(x, y, batch)
+        more = [next(self.batches)[1] for _ in range(self.accum_steps - 1)]
+        self.trainer.train_step(x, y, batch // self.accum_steps, more)
 
     def check_finite(self) -> None:
         loss, _, _ = self.trainer.epoch_meter.read()

@@ -35,8 +35,14 @@ class Meter:
         self.count = 0
         self.reduce = reduce
 
-    def add(self, mean_loss: torch.Tensor, errors: torch.Tensor, n: int) -> None:
-        self.sums += torch.stack([mean_loss.detach().double() * n, errors.double()])
+    @staticmethod
+    def batch_sums(mean_loss: torch.Tensor, errors: torch.Tensor, n: int) -> torch.Tensor:
+        """What `add` takes for one batch; computed once for all the meters it goes to (each op is a
+        kernel launch on a GPU, outside the CUDA graphs)."""
+        return torch.stack([mean_loss.detach().double() * n, errors.double()])
+
+    def add(self, batch_sums: torch.Tensor, n: int) -> None:
+        self.sums += batch_sums
         self.count += n
 
     def totals(self) -> tuple[torch.Tensor, int]:
@@ -135,8 +141,9 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
             self.scaler.scale(loss * weight).backward()
         errors = (logits.detach().argmax(dim=1) != y).sum()
-        self.epoch_meter.add(loss, errors, len(y))
-        self.interval_meter.add(loss, errors, len(y))
+        sums = Meter.batch_sums(loss, errors, len(y))
+        self.epoch_meter.add(sums, len(y))
+        self.interval_meter.add(sums, len(y))
         return errors
 
     def _step_error(self, errors: torch.Tensor, images: int) -> float:

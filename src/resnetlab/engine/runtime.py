@@ -74,8 +74,8 @@ class Runtime:
                 "threads": torch.get_num_threads()}
 
 
-def resolve_runtime(cfg: RuntimeSection, *, distributed: bool = False, accum_steps: int = 1) -> Runtime:
-    """`distributed` and `accum_steps` only matter to compile "auto" (see resolve_compile)."""
+def resolve_runtime(cfg: RuntimeSection, *, distributed: bool = False) -> Runtime:
+    """`distributed` only matters to compile "auto" (see resolve_compile)."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if precision == "bf16" and not has_native_bf16(device):
@@ -85,25 +85,26 @@ def resolve_runtime(cfg: RuntimeSection, *, distributed: bool = False, accum_ste
     # faster in both CPU precisions measured (see resolve_precision), and on an H100 too: ResNet-20
     # fp32 18,203 images/s channels_last vs 13,918 NCHW (benchmarks/RESULTS-cuda.md)
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
-    compile, compile_mode = resolve_compile(cfg.compile, cfg.compile_mode, device, distributed, accum_steps)
+    compile, compile_mode = resolve_compile(cfg.compile, cfg.compile_mode, device, distributed)
     fused_bn = resolve_fused_bn(cfg.fused_bn, device, precision, channels_last, compile)
     return Runtime(device, precision, channels_last, compile, compile_mode, fused_bn)
 
 
-def resolve_compile(setting: bool | str, mode: str, device: torch.device, distributed: bool,
-                    accum_steps: int) -> tuple[bool, str]:
+def resolve_compile(setting: bool | str, mode: str, device: torch.device, distributed: bool) -> tuple[bool, str]:
     """(compile, mode) with no "auto" left. compile auto: on CUDA only, where these nets are
     launch-bound and CUDA graphs replay the whole forward and backward pass as one launch: on an
     H200 (torch 2.11) ResNet-20 batch 128 trained at 30,069 images/s against 10,852 eager, and a
     fast-cifar run trained its 30 epochs in 140 s, compile included, where eager took 225 s for 29 of
-    them. Not under several processes or gradient accumulation, where CUDA graphs were never tried
+    them. With gradient accumulation too (two replays per step): a batch of 128 in two micro-batches
+    of 64 took 7.9 ms per fast-cifar step against 9.8 ms for one eager batch of 64
+    (benchmarks/RESULTS-cuda.md). Not under several processes, where CUDA graphs were never tried
     on a GPU. On the CPU the compiled step was slower than the eager one with the fused BN kernel
     (963 against 1,069 images/s, benchmarks/RESULTS.md). mode auto: reduce-overhead (CUDA graphs) on
     CUDA, default elsewhere."""
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if setting == "auto":
-        setting = device.type == "cuda" and not distributed and accum_steps == 1 and triton_supports(device)
+        setting = device.type == "cuda" and not distributed and triton_supports(device)
     return setting, mode
 
 

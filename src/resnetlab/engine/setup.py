@@ -19,7 +19,7 @@ from resnetlab.errors import ConfigError
 def resolved_config(config: RunConfig, dist: DistInfo = SINGLE) -> RunConfig:
     """The config with the runtime's "auto" values replaced by what this machine gives, so the
     saved config.json says exactly how the run computed (with several processes: rank 0's GPU)."""
-    runtime = resolve_runtime(config.runtime, distributed=dist.enabled, accum_steps=config.train.accum_steps)
+    runtime = resolve_runtime(config.runtime, distributed=dist.enabled)
     channels_last = runtime.channels_last
     if channels_last and config.runtime.channels_last == "auto" and onednn_channels_last_unsafe(config, runtime.device):
         channels_last = False

@@ -39,6 +39,7 @@ def load_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], stat
         if trainer.ema is not None:
             trainer.ema.load_state_dict(_prefixed(tensors, "ema."), state["ema_updates"])
         trainer.optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        _match_parameter_layouts(trainer.optimizer)
     except (RuntimeError, KeyError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"the training state does not match this run's config ({reason})") from None
@@ -55,6 +56,17 @@ def load_training_state(trainer: Trainer, tensors: dict[str, torch.Tensor], stat
     trainer.warmup.done_at_step = state["warmup_done_at_step"]
     if "plateau" in state:  # checkpoints written before the plateau schedule existed lack it
         trainer.plateau.load_state_dict(state["plateau"])
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Buffers come back from safetensors contiguous, while a channels_last weight keeps its layout.
+    torch's fused updates walk a parameter, its gradient and its buffers as flat memory, so a
+    momentum buffer in another layout than its weight is silently misread (on the CPU, torch 2.13:
+    weights off by about 1 after one step); it gets its weight's layout back."""
+    for param, per_param in optimizer.state.items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                per_param[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
