@@ -244,9 +244,11 @@ class RuntimeSection(_Section):
     # auto: reduce-overhead on CUDA, default elsewhere.
     compile_mode: Literal[("auto", *COMPILE_MODES)] = "auto"
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None: torch's default
-    # BN + (residual addition +) ReLU as one C++ kernel (resnetlab/kernels), built on first use.
-    # auto: on for CPU training in bf16 channels_last without compile, where it is measured faster
-    # and the kernel builds; true: required (an error where it can't run); false: native operators.
+    # BN + (residual addition +) ReLU as one C++ kernel (resnetlab/kernels), built on first use,
+    # and with it the weight gradient of the 3x3 convolutions from a C++ kernel where the CPU has
+    # AVX-512 BF16 (kernels/conv3x3.py). auto: on for CPU training in bf16 channels_last without
+    # compile, where it is measured faster and the BN kernel builds; true: required (an error where
+    # it can't run); false: native operators.
     fused_bn: bool | Literal["auto"] = "auto"
 
     @field_validator("device")

@@ -23,12 +23,18 @@ _enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("resnetlab_fused
 
 @contextlib.contextmanager
 def fused_bn_relu(enabled: bool = True):
-    """Within this context `bn_relu` uses the fused kernel wherever it applies."""
+    """Within this context `bn_relu` uses the fused kernel wherever it applies, and `conv3x3_train`
+    (kernels/conv3x3.py) its weight-gradient kernel."""
     token = _enabled.set(enabled)
     try:
         yield
     finally:
         _enabled.reset(token)
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether the calling code runs inside `fused_bn_relu()`."""
+    return _enabled.get()
 
 
 class _BatchNormReLU(torch.autograd.Function):

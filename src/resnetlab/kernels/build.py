@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
+CONV_WGRAD_SOURCE = Path(__file__).with_name("conv_wgrad.cpp")
 
 
 def _machine_tag() -> str:
@@ -28,18 +29,35 @@ def _machine_tag() -> str:
 @functools.cache
 def load_bn_relu_extension():
     """The compiled bn_relu extension module, or None (with one warning) where it can't be built."""
+    return _load("bn_relu", BN_RELU_SOURCE, "fused BN + ReLU kernel")
+
+
+@functools.cache
+def load_conv_wgrad_extension():
+    """The compiled 3x3 convolution weight-gradient kernel, or None (with one warning) where it
+    can't be built: it needs AVX-512 BF16 (Zen 4, Sapphire Rapids and newer)."""
+    flags = ""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    if "avx512_bf16" not in flags.split():
+        return None
+    return _load("conv_wgrad", CONV_WGRAD_SOURCE, "3x3 convolution weight-gradient kernel")
+
+
+def _load(short_name: str, source: Path, what: str):
     from torch.utils.cpp_extension import load  # imports setuptools machinery: only when needed
 
-    name = f"resnetlab_bn_relu_{_machine_tag()}"
+    name = f"resnetlab_{short_name}_{_machine_tag()}"
     if not _already_built(name):
-        print("resnetlab: compiling the fused BN + ReLU kernel for this CPU (once, about a minute)", file=sys.stderr)
+        print(f"resnetlab: compiling the {what} for this CPU (once, about a minute)", file=sys.stderr)
     try:
-        return load(name=name, sources=[str(BN_RELU_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a CPU the flags don't fit: the native operators still work
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"the fused BN+ReLU CPU kernel could not be built ({reason}); using the native operators",
-                      stacklevel=2)
+        warnings.warn(f"the {what} could not be built ({reason}); using the native operators", stacklevel=3)
         return None
 
 

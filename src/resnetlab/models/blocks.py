@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnetlab.kernels import bn_relu
+from resnetlab.kernels import bn_relu, conv3x3_train
 from resnetlab.models.layers import conv1x1, conv3x3
 
 POST_ACTIVATION_VARIANTS = ("reference", "no_relu", "bn_after_add", "bn_after_add_no_relu")
@@ -75,8 +75,8 @@ class BasicBlock(_PostActivationBlock):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = bn_relu(self.bn1, self.conv1(x))
-        return self._merge(self.conv2(out), x, self.bn2)
+        out = bn_relu(self.bn1, conv3x3_train(self.conv1, x))
+        return self._merge(conv3x3_train(self.conv2, out), x, self.bn2)
 
     def zero_init_last(self) -> None:
         self._zero_init(self.conv2, self.bn2)
@@ -104,7 +104,7 @@ class Bottleneck(_PostActivationBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bn_relu(self.bn1, self.conv1(x))
-        out = bn_relu(self.bn2, self.conv2(out))
+        out = bn_relu(self.bn2, conv3x3_train(self.conv2, out))
         return self._merge(self.conv3(out), x, self.bn3)
 
     def zero_init_last(self) -> None:
@@ -151,8 +151,8 @@ class PreActBasicBlock(_PreActivationBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
-        out = self.conv1(pre)
-        out = self.conv2(bn_relu(self.bn2, out))
+        out = conv3x3_train(self.conv1, pre)
+        out = conv3x3_train(self.conv2, bn_relu(self.bn2, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
@@ -176,7 +176,7 @@ class PreActBottleneck(_PreActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
         out = self.conv1(pre)
-        out = self.conv2(bn_relu(self.bn2, out))
+        out = conv3x3_train(self.conv2, bn_relu(self.bn2, out))
         out = self.conv3(bn_relu(self.bn3, out))
         return self._add_shortcut(out, x, pre)
 

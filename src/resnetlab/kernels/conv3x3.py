@@ -1,0 +1,56 @@
+"""A 3x3 convolution whose weight gradient comes from resnetlab's CPU kernel (conv_wgrad.cpp): the
+forward pass and the input gradient stay oneDNN's (through the native operators), the weight
+gradient is computed from the bf16 tensors with fp32 accumulation and returned in fp32.
+
+On the 2-core Zen 4 the kernel took 0.9-1.8 ms per ResNet-20 layer at batch 128 where oneDNN's
+weight gradient took 1.8-2.0 ms inside the training step (docs/speed-notes.md); and the gradient
+is no longer rounded to bf16 on its way to the fp32 weights. Used only inside `fused_bn_relu()`
+(runtime.fused_bn), in training, for bf16 channels_last CPU tensors with channel counts that are
+multiples of 16; everything else runs the module unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from resnetlab.kernels.batch_norm_relu import fused_kernels_enabled
+from resnetlab.kernels.build import load_conv_wgrad_extension
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, stride):
+        weight_bf16 = weight.to(torch.bfloat16)  # what autocast would hand the native convolution
+        ctx.save_for_backward(x, weight_bf16)
+        ctx.stride = stride
+        return torch.ops.aten.convolution(x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_bf16 = ctx.saved_tensors
+        s = ctx.stride
+        grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv3x3_train(conv, x)` would use the weight-gradient kernel (inside `fused_bn_relu()`)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None and conv.stride in ((1, 1), (2, 2))
+            and conv.padding_mode == "zeros" and conv.weight.requires_grad and conv.weight.dtype == torch.float32
+            and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and load_conv_wgrad_extension() is not None)
+
+
+def conv3x3_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x), with the weight-gradient kernel where it applies."""
+    if not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x):
+        return _Conv3x3.apply(x, conv.weight, conv.stride[0])
+    return conv(x)
