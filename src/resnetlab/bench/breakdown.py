@@ -14,6 +14,10 @@ from resnetlab.bench.train_bench import BenchConfig, default_num_images, synthet
 GROUPS = {
     "aten::mkldnn_convolution": "convolution forward",
     "aten::convolution_backward": "convolution backward",
+    # resnetlab.kernels.conv3x3: the forward's oneDNN call is aten::mkldnn_convolution above; the
+    # backward's self time is the weight-gradient kernel (its input gradient is aten's, above)
+    "_Conv3x3": "convolution forward",
+    "_Conv3x3Backward": "convolution backward",
     "aten::native_batch_norm": "batch norm forward",
     "aten::native_batch_norm_backward": "batch norm backward",
     "_BatchNormReLU": "fused batch norm + ReLU (+ shortcut addition) forward",  # resnetlab.kernels
@@ -79,24 +83,39 @@ CIFAR_CONVS = (("stem", 3, 16, 32, 1), ("stage 1", 16, 16, 32, 1), ("stage 2, fi
 def conv_rates(batch: int = 128, precision: str = "bf16", channels_last: bool = True,
                repeats: int = 5, calls: int = 10) -> list[dict]:
     """GFLOP/s of each CIFAR ResNet convolution alone, forward and backward (input and weight
-    gradients; the stem needs no input gradient), best of `repeats` x `calls`."""
+    gradients; the stem needs no input gradient), best of `repeats` x `calls`; as the engine runs
+    them: fp32 weights, autocast for bf16, and in bf16 channels_last the weight-gradient kernel
+    where it applies (resnetlab.kernels.conv3x3)."""
+    import contextlib
     import time
 
-    import torch.nn.functional as F
+    from torch import nn
+
+    from resnetlab.kernels import conv3x3_train, fused_bn_relu
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     rows = []
     for name, cin, cout, side, stride in CIFAR_CONVS:
         x = torch.randn(batch, cin, side, side, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(cin != 3)
-        w = torch.randn(cout, cin, 3, 3, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-        out = F.conv2d(x, w, stride=stride, padding=1)
-        grad = torch.randn_like(out)
-        wanted = (x, w) if x.requires_grad else (w,)
-        macs = out.numel() * cin * 9
+        conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).to(memory_format=fmt)
+
+        def context():
+            if dtype is torch.float32:
+                return contextlib.nullcontext()
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast("cpu", dtype=dtype))
+            stack.enter_context(fused_bn_relu())
+            return stack
 
         def forward():
-            return F.conv2d(x, w, stride=stride, padding=1)
+            with context():
+                return conv3x3_train(conv, x)
+
+        out = forward()
+        grad = torch.randn_like(out)
+        wanted = (x, conv.weight) if x.requires_grad else (conv.weight,)
+        macs = out.numel() * cin * 9
 
         def backward():
             torch.autograd.grad(out, wanted, grad, retain_graph=True)
