@@ -91,6 +91,8 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
     assert not used(nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False), x)
     assert not used(nn.Conv2d(16, 24, 3, padding=1, bias=False), x)  # 24 channels: not a multiple of 16
     assert not used(nn.Conv2d(16, 16, 1, bias=False), x)
+    assert not used(nn.Conv2d(16, 128, 3, padding=1, bias=False), x)  # wider than measured faster
+    assert not used(conv16, channels_last_bf16(1, 16, 40, 40, seed=0))  # a larger map than measured faster
 
 
 @needs_kernel

@@ -2,11 +2,11 @@
 forward pass and the input gradient stay oneDNN's (through the native operators), the weight
 gradient is computed from the bf16 tensors with fp32 accumulation and returned in fp32.
 
-On the 2-core Zen 4 the kernel took 0.9-1.8 ms per ResNet-20 layer at batch 128 where oneDNN's
-weight gradient took 1.8-2.0 ms inside the training step (docs/speed-notes.md); and the gradient
-is no longer rounded to bf16 on its way to the fp32 weights. Used only inside `fused_bn_relu()`
-(runtime.fused_bn), in training, for bf16 channels_last CPU tensors with channel counts that are
-multiples of 16; everything else runs the module unchanged.
+On the 2-core Zen 4 the kernel took 0.7-1.6 ms per ResNet-20 layer at batch 128 where oneDNN's
+weight gradient took 1.7-2.0 ms (docs/speed-notes.md); and the gradient is no longer rounded to
+bf16 on its way to the fp32 weights. Used only inside `fused_bn_relu()` (runtime.fused_bn), in
+training, for bf16 channels_last CPU tensors with 16, 32, 48 or 64 channels in and out on maps up
+to 32x32 (where it was measured faster); everything else runs the module unchanged.
 """
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from torch import nn
 
 from resnetlab.kernels.batch_norm_relu import fused_kernels_enabled
 from resnetlab.kernels.build import load_conv_wgrad_extension
+
+
+# Where the kernel was measured faster than oneDNN (benchmarks/bench_conv_wgrad.py): the CIFAR
+# ResNets' layers, 16-64 channels on maps up to 32x32. On ResNet-50's 3x3 layers (64-512 channels,
+# 7x7 to 56x56, batch 32) it was 14-30 % slower: its per-image-pair buffers outgrow the L2 cache.
+MAX_CHANNELS = 64
+MAX_PIXELS = 32 * 32
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -45,6 +52,7 @@ def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.padding_mode == "zeros" and conv.weight.requires_grad and conv.weight.dtype == torch.float32
             and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
             and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0
+            and conv.in_channels <= MAX_CHANNELS and conv.out_channels <= MAX_CHANNELS and x.shape[-2] * x.shape[-1] <= MAX_PIXELS
             and x.is_contiguous(memory_format=torch.channels_last)
             and load_conv_wgrad_extension() is not None)
 
