@@ -147,6 +147,16 @@ def test_tiny_fast_path_run(fake_peak):
     assert result.peak_rss_mb > 0 and result.channels_last and result.precision == "fp32"
 
 
+def test_the_report_takes_the_better_peak_and_recomputes_each_mfu(monkeypatch, fake_peak):
+    run_all = _load_run_all(monkeypatch)
+    assert run_all.best_peaks({"fp32": 100.0, "bf16": 214.0}, {"fp32": 90.0, "bf16": 430.0}) == {"fp32": 100.0,
+                                                                                                "bf16": 430.0}
+    result = run_train_bench(BenchConfig(precision="fp32", channels_last=True, **TINY))  # peak 100 (fake)
+    rescored = run_all.with_peak(result, {"fp32": 200.0, "bf16": 400.0})
+    assert rescored.peak_gflops == 200.0 and rescored.mfu == pytest.approx(result.mfu / 2)
+    assert rescored.images_per_s == result.images_per_s
+
+
 def test_tiny_baseline_run_without_workers(fake_peak):
     result = run_baseline(BaselineConfig(model="resnet8", batch_size=8, steps=2, warmup_steps=1, windows=1, num_workers=0,
                                          num_images=32, retry_seconds=0))
