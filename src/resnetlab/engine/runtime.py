@@ -98,8 +98,8 @@ def resolve_compile(setting: bool | str, mode: str, device: torch.device, distri
     them. With gradient accumulation too (two replays per step): a batch of 128 in two micro-batches
     of 64 took 7.9 ms per fast-cifar step against 9.8 ms for one eager batch of 64
     (benchmarks/RESULTS-cuda.md). Not under several processes, where CUDA graphs were never tried
-    on a GPU. On the CPU the compiled step was slower than the eager one with the fused BN kernel
-    (963 against 1,069 images/s, benchmarks/RESULTS.md). mode auto: reduce-overhead (CUDA graphs) on
+    on a GPU. On the CPU the compiled step was slower than the eager one with the fused kernels
+    (1,060 against 1,253 images/s, benchmarks/RESULTS.md). mode auto: reduce-overhead (CUDA graphs) on
     CUDA, default elsewhere."""
     if mode == "auto":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
