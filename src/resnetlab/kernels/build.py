@@ -15,14 +15,18 @@ BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
 CONV_WGRAD_SOURCE = Path(__file__).with_name("conv_wgrad.cpp")
 
 
+def _cpu_flags() -> str:
+    """The "flags" line of /proc/cpuinfo; empty where there is none (not Linux)."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def _machine_tag() -> str:
     # The kernel is compiled for this CPU (-march=native) and this torch's ABI: a home directory
     # shared between machines or torch versions must not load another one's build.
-    cpu = platform.machine() + platform.processor()
-    try:
-        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    cpu = platform.machine() + platform.processor() + _cpu_flags()
     return hashlib.sha1(f"{cpu}|{torch.__version__}|{sys.version_info[:2]}".encode()).hexdigest()[:10]
 
 
@@ -34,14 +38,9 @@ def load_bn_relu_extension():
 
 @functools.cache
 def load_conv_wgrad_extension():
-    """The compiled 3x3 convolution weight-gradient kernel, or None (with one warning) where it
-    can't be built: it needs AVX-512 BF16 (Zen 4, Sapphire Rapids and newer)."""
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    if "avx512_bf16" not in flags.split():
+    """The compiled 3x3 convolution weight-gradient kernel; None without a warning on CPUs without
+    AVX-512 BF16 (it needs a Zen 4, Sapphire Rapids or newer), with one where it can't be built."""
+    if "avx512_bf16" not in _cpu_flags().split():
         return None
     return _load("conv_wgrad", CONV_WGRAD_SOURCE, "3x3 convolution weight-gradient kernel")
 
