@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnetlab.kernels import conv3x3_train, fused_bn_relu, load_conv_wgrad_extension
+from resnetlab.config import RuntimeSection
+from resnetlab.engine.runtime import resolve_runtime
+from resnetlab.errors import ConfigError
+from resnetlab.kernels import conv3x3_train, conv_weight_grad, fused_bn_relu, load_conv_wgrad_extension
 from resnetlab.kernels import conv3x3 as conv3x3_module
 from resnetlab.models import create_model
 
@@ -127,3 +130,74 @@ def test_without_the_kernel_the_native_convolution_runs(monkeypatch):
     with fused_bn_relu(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not conv3x3_module.kernel_applies(conv, x)
         assert torch.equal(conv3x3_train(conv, x), conv(x))
+
+
+def weight_grad_in_mode(mode: str, stride: int = 1) -> torch.Tensor:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = channels_last_bf16(4, 16, 12, 12, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fused_bn_relu(), conv_weight_grad(mode):
+        out = conv3x3_train(conv, x)
+    out.backward(channels_last_bf16(*out.shape, seed=3))
+    return conv.weight.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+def test_kernel_bf16_rounds_the_kernel_gradient_as_onednn_does(stride):
+    kernel, rounded, native = (weight_grad_in_mode(mode, stride) for mode in ("kernel", "kernel-bf16", "native"))
+    assert rounded.dtype == torch.float32
+    assert torch.equal(rounded, kernel.to(torch.bfloat16).float())
+    assert not torch.equal(kernel, kernel.to(torch.bfloat16).float())  # the plain kernel's result is not rounded
+    # oneDNN's bf16 gradient and the rounded kernel's differ only where the fp32 sums round differently
+    close = torch.isclose(rounded, native, rtol=2**-7, atol=0)
+    assert close.float().mean() > 0.99
+
+
+@needs_kernel
+def test_native_mode_skips_the_kernel(monkeypatch):
+    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: pytest.fail("the kernel ran"))
+    weight_grad_in_mode("native")
+
+
+def test_an_unknown_weight_gradient_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown weight-gradient mode"):
+        with conv_weight_grad("fast"):
+            pass
+
+
+@needs_kernel
+def test_runtime_conv_wgrad_resolves_to_the_kernel_where_it_runs(monkeypatch):
+    assert resolve_runtime(RuntimeSection(device="cpu", precision="bf16")).conv_wgrad == "kernel"
+    assert resolve_runtime(RuntimeSection(device="cpu", precision="bf16", conv_wgrad="kernel-bf16")).conv_wgrad == "kernel-bf16"
+    assert resolve_runtime(RuntimeSection(device="cpu", precision="fp32")).conv_wgrad == "native"
+    assert resolve_runtime(RuntimeSection(device="cpu", precision="bf16", fused_bn=False)).conv_wgrad == "native"
+    with pytest.raises(ConfigError, match="conv_wgrad=kernel needs runtime.fused_bn"):
+        resolve_runtime(RuntimeSection(device="cpu", precision="bf16", fused_bn=False, conv_wgrad="kernel"))
+    calls = []
+    real_apply = conv3x3_module._Conv3x3.apply
+    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: calls.append(args[-1]) or real_apply(*args))
+    conv, x = nn.Conv2d(16, 16, 3, padding=1, bias=False), channels_last_bf16(2, 16, 8, 8, seed=0)
+    for mode in ("kernel", "kernel-bf16", "native"):
+        with resolve_runtime(RuntimeSection(device="cpu", precision="bf16", conv_wgrad=mode)).autocast():
+            conv3x3_train(conv, x)
+    assert calls == [False, True]  # round_to_bf16 per call; native: no call
+
+
+def test_runtime_conv_wgrad_without_the_kernel(monkeypatch):
+    from resnetlab.engine import runtime as runtime_module
+    monkeypatch.setattr(runtime_module, "load_conv_wgrad_extension", lambda: None)
+    assert resolve_runtime(RuntimeSection(device="cpu", precision="fp32")).conv_wgrad == "native"
+    with pytest.raises(ConfigError, match="AVX-512 BF16"):
+        resolve_runtime(RuntimeSection(device="cpu", precision="fp32", conv_wgrad="kernel-bf16"))
+
+
+@needs_kernel
+def test_the_saved_config_says_where_the_weight_gradient_came_from():
+    from resnetlab.config import RunConfig
+    from resnetlab.engine.setup import resolved_config
+
+    config = RunConfig().replace(**{"model.name": "resnet20", "runtime.device": "cpu", "runtime.precision": "bf16"})
+    assert resolved_config(config).runtime.conv_wgrad == "kernel"
+    assert resolved_config(config.replace(**{"runtime.conv_wgrad": "kernel-bf16"})).runtime.conv_wgrad == "kernel-bf16"
+    assert resolved_config(config.replace(**{"runtime.precision": "fp32"})).runtime.conv_wgrad == "native"

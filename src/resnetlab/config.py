@@ -250,6 +250,10 @@ class RuntimeSection(_Section):
     # compile, where it is measured faster and the BN kernel builds; true: required (an error where
     # it can't run); false: native operators.
     fused_bn: bool | Literal["auto"] = "auto"
+    # Where the 3x3 convolutions' weight gradient comes from while fused_bn is on: "kernel" (the
+    # AVX-512 BF16 kernel, fp32 result), "kernel-bf16" (the same, rounded to bf16 as oneDNN's bf16
+    # gradient is) or "native" (oneDNN). auto: "kernel" where the CPU has AVX-512 BF16.
+    conv_wgrad: Literal["auto", "kernel", "kernel-bf16", "native"] = "auto"
 
     @field_validator("device")
     @classmethod

@@ -16,7 +16,7 @@ from torch import nn
 from resnetlab.artifacts.env import cpu_name
 from resnetlab.config import RuntimeSection
 from resnetlab.errors import ConfigError
-from resnetlab.kernels import fused_bn_relu, load_bn_relu_extension
+from resnetlab.kernels import conv_weight_grad, fused_bn_relu, load_bn_relu_extension, load_conv_wgrad_extension
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,6 +31,7 @@ class Runtime:
     compile: bool
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
     fused_bn: bool = False  # the fused BN + ReLU CPU kernel inside autocast() (resnetlab.kernels)
+    conv_wgrad: str = "native"  # the 3x3 weight gradient with fused_bn: kernel | kernel-bf16 | native
 
     @property
     def cuda_graphs(self) -> bool:
@@ -53,6 +54,7 @@ class Runtime:
         context.enter_context(torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision]))
         if self.fused_bn:
             context.enter_context(fused_bn_relu())
+            context.enter_context(conv_weight_grad(self.conv_wgrad))
         return context
 
     def grad_scaler(self) -> torch.amp.GradScaler:
@@ -71,6 +73,7 @@ class Runtime:
         return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile,
                 "compile_mode": self.compile_mode if self.compile else None, "fused_bn": self.fused_bn,
+                "conv_wgrad": self.conv_wgrad,
                 "threads": torch.get_num_threads()}
 
 
@@ -87,7 +90,8 @@ def resolve_runtime(cfg: RuntimeSection, *, distributed: bool = False) -> Runtim
     channels_last = cfg.channels_last if cfg.channels_last != "auto" else True
     compile, compile_mode = resolve_compile(cfg.compile, cfg.compile_mode, device, distributed)
     fused_bn = resolve_fused_bn(cfg.fused_bn, device, precision, channels_last, compile)
-    return Runtime(device, precision, channels_last, compile, compile_mode, fused_bn)
+    conv_wgrad = resolve_conv_wgrad(cfg.conv_wgrad, fused_bn)
+    return Runtime(device, precision, channels_last, compile, compile_mode, fused_bn, conv_wgrad)
 
 
 def resolve_compile(setting: bool | str, mode: str, device: torch.device, distributed: bool) -> tuple[bool, str]:
@@ -131,6 +135,19 @@ def resolve_fused_bn(setting: bool | str, device: torch.device, precision: str, 
                               "(needs a C++ compiler and ninja); set runtime.fused_bn=auto or false")
         return False
     return True
+
+
+def resolve_conv_wgrad(setting: str, fused_bn: bool) -> str:
+    """runtime.conv_wgrad resolved. The kernel runs inside the fused-kernel context only and needs
+    AVX-512 BF16. auto: "kernel" there (ResNet-20 steps 7.5 ms faster on the 2-core Zen 4:
+    docs/speed-notes.md), "native" elsewhere."""
+    available = fused_bn and load_conv_wgrad_extension() is not None
+    if setting == "auto":
+        return "kernel" if available else "native"
+    if setting != "native" and not available:
+        raise ConfigError(f"runtime.conv_wgrad={setting} needs runtime.fused_bn on and a CPU with AVX-512 BF16 "
+                          "(the kernel's instruction); set runtime.conv_wgrad=auto or native")
+    return setting
 
 
 @contextlib.contextmanager
