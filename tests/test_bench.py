@@ -293,19 +293,21 @@ def test_stride_2_benchmark_times_every_form():
     assert bench.backward_gflop(16, 32, 32, 2) == pytest.approx(4 * 128 * 32 * 16 * 16 * 16 * 9 / 1e9)
 
 
-def test_weight_gradient_benchmark_times_both_forms_and_restores_the_kernel_switch():
+def test_conv3x3_benchmark_times_every_form_and_restores_the_switches():
     from resnetlab.kernels import conv3x3 as conv3x3_module
-    from resnetlab.kernels import load_conv_wgrad_extension
+    from resnetlab.kernels import load_conv_fwd_extension, load_conv_wgrad_extension
 
-    if load_conv_wgrad_extension() is None:
-        pytest.skip("the weight-gradient kernel needs AVX-512 BF16 and a C++ compiler")
-    bench = _load_benchmark("bench_conv_wgrad")
+    if load_conv_wgrad_extension() is None or load_conv_fwd_extension() is None:
+        pytest.skip("the convolution kernels need AVX-512 BF16 and a C++ compiler")
+    bench = _load_benchmark("bench_conv3x3")
     shipped = conv3x3_module.kernel_applies
     rows = bench.layer_rows(batch=4, repeats=1)
-    assert len(rows) == len(bench.LAYERS) and all(r["kernel_ms"] > 0 and r["onednn_ms"] > 0 for r in rows)
+    assert len(rows) == 3 * len(bench.LAYERS) and all(r["onednn_ms"] > 0 for r in rows)
+    no_kernel = [(r["layer"], r["pass"]) for r in rows if r["kernel_ms"] is None]
+    assert no_kernel == [("16->32, 32x32, stride 2", "input gradient"), ("32->64, 16x16, stride 2", "input gradient")]
     times = bench.paired_step_ms(rounds=1, batch=8, steps_per_round=1)
-    assert set(times) == {"kernel", "oneDNN"} and all(len(v) == 1 and v[0] > 0 for v in times.values())
-    assert conv3x3_module.kernel_applies is shipped
+    assert set(times) == set(bench.STEP_FORMS) and all(len(v) == 1 and v[0] > 0 for v in times.values())
+    assert conv3x3_module.kernel_applies is shipped and conv3x3_module.FORWARD_KERNEL is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

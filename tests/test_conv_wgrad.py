@@ -1,6 +1,6 @@
 """The 3x3 convolution weight-gradient CPU kernel (kernels/conv_wgrad.cpp, kernels/conv3x3.py): the
-float64 gradient from the same bf16 tensors to fp32 accuracy, oneDNN's forward pass and input
-gradient unchanged, used exactly where it applies."""
+float64 gradient from the same bf16 tensors to fp32 accuracy, nothing else changed, used exactly where
+it applies; runtime.conv_wgrad's modes."""
 from __future__ import annotations
 
 import pytest
@@ -49,7 +49,8 @@ def test_the_kernel_gives_the_float64_weight_gradient(batch, in_channels, out_ch
 
 @needs_kernel
 @pytest.mark.parametrize("stride", [1, 2])
-def test_the_convolution_keeps_onednn_forward_and_input_gradient(stride):
+def test_with_onednns_forward_the_kernel_changes_only_the_weight_gradient(monkeypatch, stride):
+    monkeypatch.setattr(conv3x3_module, "FORWARD_KERNEL", False)  # the forward kernel: tests/test_conv_fwd.py
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = channels_last_bf16(4, 16, 12, 12, seed=2).requires_grad_(True)
@@ -155,9 +156,18 @@ def test_kernel_bf16_rounds_the_kernel_gradient_as_onednn_does(stride):
 
 
 @needs_kernel
-def test_native_mode_skips_the_kernel(monkeypatch):
-    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: pytest.fail("the kernel ran"))
-    weight_grad_in_mode("native")
+def test_native_mode_takes_onednns_weight_gradient(monkeypatch):
+    native = weight_grad_in_mode("native")
+
+    class NoWeightGradient:
+        def weight_grad(self, *args):
+            pytest.fail("the weight-gradient kernel ran")
+
+    monkeypatch.setattr(conv3x3_module, "load_conv_wgrad_extension", lambda: NoWeightGradient())
+    assert torch.equal(weight_grad_in_mode("native"), native)
+    with pytest.MonkeyPatch.context() as patch:  # and exactly what the native convolution under autocast gives
+        patch.setattr(conv3x3_module, "kernel_applies", lambda conv, x: False)
+        assert torch.equal(weight_grad_in_mode("kernel"), native)
 
 
 def test_an_unknown_weight_gradient_mode_is_refused():
@@ -181,7 +191,7 @@ def test_runtime_conv_wgrad_resolves_to_the_kernel_where_it_runs(monkeypatch):
     for mode in ("kernel", "kernel-bf16", "native"):
         with resolve_runtime(RuntimeSection(device="cpu", precision="bf16", conv_wgrad=mode)).autocast():
             conv3x3_train(conv, x)
-    assert calls == [False, True]  # round_to_bf16 per call; native: no call
+    assert calls == ["kernel", "kernel-bf16", "native"]  # the weight-gradient mode each call ran with
 
 
 def test_runtime_conv_wgrad_without_the_kernel(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 
 BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
 CONV_WGRAD_SOURCE = Path(__file__).with_name("conv_wgrad.cpp")
+CONV_FWD_SOURCE = Path(__file__).with_name("conv_fwd.cpp")
 
 
 def _cpu_flags() -> str:
@@ -43,6 +44,15 @@ def load_conv_wgrad_extension():
     if "avx512_bf16" not in _cpu_flags().split():
         return None
     return _load("conv_wgrad", CONV_WGRAD_SOURCE, "3x3 convolution weight-gradient kernel")
+
+
+@functools.cache
+def load_conv_fwd_extension():
+    """The compiled 3x3 convolution kernel (forward pass and stride-1 input gradient); None as for
+    `load_conv_wgrad_extension`."""
+    if "avx512_bf16" not in _cpu_flags().split():
+        return None
+    return _load("conv_fwd", CONV_FWD_SOURCE, "3x3 convolution kernel")
 
 
 def _load(short_name: str, source: Path, what: str):

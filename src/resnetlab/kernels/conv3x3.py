@@ -1,13 +1,14 @@
-"""A 3x3 convolution whose weight gradient comes from resnetlab's CPU kernel (conv_wgrad.cpp): the
-forward pass and the input gradient stay oneDNN's (through the native operators), the weight
-gradient is computed from the bf16 tensors with fp32 accumulation and returned in fp32.
+"""A 3x3 convolution computed by resnetlab's CPU kernels in training: the forward pass and the
+stride-1 input gradient by kernels/conv_fwd.cpp, the weight gradient by kernels/conv_wgrad.cpp
+(from the bf16 tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks
+for oneDNN's bf16 rounding or oneDNN itself; runtime.conv_wgrad). The stride-2 input gradient stays
+oneDNN's.
 
-On the 2-core Zen 4 the kernel took 0.7-1.6 ms per ResNet-20 layer at batch 128 where oneDNN's
-weight gradient took 1.7-2.0 ms (docs/speed-notes.md); and the gradient is no longer rounded to
-bf16 on its way to the fp32 weights (unless `conv_weight_grad("kernel-bf16")` asks for oneDNN's
-rounding; runtime.conv_wgrad). Used only inside `fused_bn_relu()` (runtime.fused_bn), in
-training, for bf16 channels_last CPU tensors with 16, 32, 48 or 64 channels in and out on maps up
-to 32x32 (where it was measured faster); everything else runs the module unchanged.
+On the 2-core Zen 4 (AVX-512 BF16, no AMX) the kernels ran the ResNet-20 layers at 440-480 GFLOP/s
+forward where oneDNN reached 400-490, and the weight gradient at 360-430 against oneDNN's 170-350
+(docs/speed-notes.md). Used only inside `fused_bn_relu()` (runtime.fused_bn), in training, for bf16
+channels_last CPU tensors with 16, 32, 48 or 64 channels in and out on maps up to 32x32 (where they
+were measured faster); everything else runs the module unchanged.
 """
 from __future__ import annotations
 
@@ -18,14 +19,16 @@ import torch
 from torch import nn
 
 from resnetlab.kernels.batch_norm_relu import fused_kernels_enabled
-from resnetlab.kernels.build import load_conv_wgrad_extension
+from resnetlab.kernels.build import load_conv_fwd_extension, load_conv_wgrad_extension
 
 
-# Where the kernel was measured faster than oneDNN (benchmarks/bench_conv_wgrad.py): the CIFAR
+# Where the kernels were measured faster than oneDNN (benchmarks/bench_conv3x3.py): the CIFAR
 # ResNets' layers, 16-64 channels on maps up to 32x32. On ResNet-50's 3x3 layers (64-512 channels,
-# 7x7 to 56x56, batch 32) it was 14-30 % slower: its per-image-pair buffers outgrow the L2 cache.
+# 7x7 to 56x56, batch 32) the weight-gradient kernel was 14-30 % slower: its per-image-pair buffers
+# outgrow the L2 cache.
 MAX_CHANNELS = 64
 MAX_PIXELS = 32 * 32
+FORWARD_KERNEL = True  # off: oneDNN's forward pass and input gradient (benchmarks/bench_conv3x3.py compares)
 WGRAD_MODES = ("kernel", "kernel-bf16", "native")
 
 _wgrad_mode: contextvars.ContextVar[str] = contextvars.ContextVar("resnetlab_conv_wgrad", default="kernel")
@@ -34,7 +37,7 @@ _wgrad_mode: contextvars.ContextVar[str] = contextvars.ContextVar("resnetlab_con
 @contextlib.contextmanager
 def conv_weight_grad(mode: str):
     """Within this context (and inside `fused_bn_relu()`), `conv3x3_train` takes the weight gradient
-    from the kernel ("kernel": fp32 result; "kernel-bf16": rounded to bf16, as oneDNN's bf16
+    from resnetlab's kernel ("kernel": fp32 result; "kernel-bf16": rounded to bf16, as oneDNN's bf16
     gradient is before it reaches the fp32 weight) or from oneDNN ("native")."""
     if mode not in WGRAD_MODES:
         raise ValueError(f"unknown weight-gradient mode {mode!r}; expected one of {WGRAD_MODES}")
@@ -47,11 +50,14 @@ def conv_weight_grad(mode: str):
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, stride, round_to_bf16):
+    def forward(ctx, x, weight, stride, wgrad_mode):
         weight_bf16 = weight.to(torch.bfloat16)  # what autocast would hand the native convolution
         ctx.save_for_backward(x, weight_bf16)
-        ctx.stride = stride
-        ctx.round_to_bf16 = round_to_bf16
+        ctx.stride, ctx.wgrad_mode = stride, wgrad_mode
+        kernel = load_conv_fwd_extension() if FORWARD_KERNEL else None
+        ctx.forward_kernel = kernel is not None
+        if kernel is not None:
+            return kernel.convolution(x, weight_bf16, stride, False)
         return torch.ops.aten.convolution(x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
 
     @staticmethod
@@ -59,20 +65,25 @@ class _Conv3x3(torch.autograd.Function):
         x, weight_bf16 = ctx.saved_tensors
         s = ctx.stride
         grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False,
-                                                         [0, 0], 1, [True, False, False])[0]
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
+        grad_x_by_kernel = ctx.needs_input_grad[0] and ctx.forward_kernel and s == 1
+        grad_w_by_kernel = ctx.needs_input_grad[1] and ctx.wgrad_mode != "native"
+        onednn_mask = [ctx.needs_input_grad[0] and not grad_x_by_kernel, ctx.needs_input_grad[1] and not grad_w_by_kernel]
+        grad_x = grad_weight = None
+        if any(onednn_mask):
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [*onednn_mask, False])
+            grad_weight = grad_weight.float() if grad_weight is not None else None  # as autocast's cast passes it on
+        if grad_x_by_kernel:
+            grad_x = load_conv_fwd_extension().convolution(grad_out, weight_bf16, 1, True)
+        if grad_w_by_kernel:
             grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
-            if ctx.round_to_bf16:
+            if ctx.wgrad_mode == "kernel-bf16":
                 grad_weight = grad_weight.to(torch.bfloat16).float()
         return grad_x, grad_weight, None, None
 
 
 def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv3x3_train(conv, x)` would use the weight-gradient kernel (inside `fused_bn_relu()`)."""
+    """Whether `conv3x3_train(conv, x)` would use resnetlab's kernels (inside `fused_bn_relu()`)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None and conv.stride in ((1, 1), (2, 2))
             and conv.padding_mode == "zeros" and conv.weight.requires_grad and conv.weight.dtype == torch.float32
@@ -84,8 +95,7 @@ def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def conv3x3_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x), with the weight-gradient kernel where it applies."""
-    if (not torch.compiler.is_compiling() and fused_kernels_enabled() and _wgrad_mode.get() != "native"
-            and kernel_applies(conv, x)):
-        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get() == "kernel-bf16")
+    """conv(x), with resnetlab's kernels where they apply."""
+    if not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x):
+        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get())
     return conv(x)
