@@ -120,6 +120,7 @@ def main() -> None:
     print(f"\n| ResNet-20 training step, {args.rounds} interleaved rounds | min ms | median ms |\n|---|---:|---:|")
     for form, values in times.items():
         print(f"| {form} | {min(values):.1f} | {statistics.median(values):.1f} |")
+    print()
     for other in STEP_FORMS[1:]:
         gains = [b - a for a, b in zip(times["kernels"], times[other])]
         print(f"kernels against {other}: faster in {sum(g > 0 for g in gains)} of {len(gains)} rounds, "
