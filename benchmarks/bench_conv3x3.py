@@ -1,5 +1,5 @@
 """The 3x3 convolutions: resnetlab's CPU kernels (kernels/conv_fwd.cpp for the forward pass and the
-stride-1 input gradient, kernels/conv_wgrad.cpp for the weight gradient) against oneDNN's, per
+input gradient, kernels/conv_wgrad.cpp for the weight gradient) against oneDNN's, per
 ResNet-20 layer shape, then whole ResNet-20 training steps (the engine's, as `bench train` runs them)
 with all kernels, with oneDNN's forward pass and input gradient, and with oneDNN only, interleaved
 round by round so that a machine whose speed drifts affects all alike.
@@ -41,7 +41,7 @@ def median_ms(fn, repeats: int = 20) -> float:
 
 def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
     """Per layer shape and pass (forward, input gradient, weight gradient): oneDNN's and the
-    kernel's median ms (the stride-2 input gradient has no kernel: None)."""
+    kernel's median ms."""
     forward_kernel, wgrad_kernel = load_conv_fwd_extension(), load_conv_wgrad_extension()
     rows = []
     for cin, cout, size, stride, count in LAYERS:
@@ -54,17 +54,18 @@ def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
             "forward": (lambda: torch.ops.aten.convolution(x, w, *conv_args),
                         lambda: forward_kernel.convolution(x, w, stride, False)),
             "input gradient": (lambda: torch.ops.aten.convolution_backward(dy, x, w, *conv_args, [True, False, False]),
-                               (lambda: forward_kernel.convolution(dy, w, 1, True)) if stride == 1 else None),
+                               (lambda: forward_kernel.convolution(dy, w, 1, True)) if stride == 1 else
+                               (lambda: forward_kernel.input_grad_stride2(dy, w, size, size))),
             "weight gradient": (lambda: torch.ops.aten.convolution_backward(dy, x, w, *conv_args, [False, True, False]),
                                 lambda: wgrad_kernel.weight_grad(dy, x, stride)),
         }
         gflop = 2 * batch * cout * cin * 9 * out_size * out_size / 1e9
         for name, (onednn, kernel) in passes.items():
             onednn_ms = median_ms(onednn, repeats)
-            kernel_ms = median_ms(kernel, repeats) if kernel is not None else None
+            kernel_ms = median_ms(kernel, repeats)
             rows.append({"layer": f"{cin}->{cout}, {size}x{size}, stride {stride}", "pass": name, "count": count,
                          "onednn_ms": onednn_ms, "kernel_ms": kernel_ms, "onednn_gflops": gflop / onednn_ms * 1e3,
-                         "kernel_gflops": gflop / kernel_ms * 1e3 if kernel_ms else None})
+                         "kernel_gflops": gflop / kernel_ms * 1e3})
     return rows
 
 
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"bf16, channels_last, batch {args.batch}, {torch.get_num_threads()} threads\n")
     print("| 3x3 layer | per net | pass | oneDNN ms (GFLOP/s) | kernel ms (GFLOP/s) |\n|---|---:|---|---:|---:|")
     for row in layer_rows(args.batch):
-        kernel = f"{row['kernel_ms']:.2f} ({row['kernel_gflops']:.0f})" if row["kernel_ms"] else "oneDNN's"
+        kernel = f"{row['kernel_ms']:.2f} ({row['kernel_gflops']:.0f})"
         print(f"| {row['layer']} | {row['count']} | {row['pass']} | {row['onednn_ms']:.2f} ({row['onednn_gflops']:.0f}) "
               f"| {kernel} |")
     times = paired_step_ms(args.rounds, args.batch)

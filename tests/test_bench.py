@@ -302,9 +302,8 @@ def test_conv3x3_benchmark_times_every_form_and_restores_the_switches():
     bench = _load_benchmark("bench_conv3x3")
     shipped = conv3x3_module.kernel_applies
     rows = bench.layer_rows(batch=4, repeats=1)
-    assert len(rows) == 3 * len(bench.LAYERS) and all(r["onednn_ms"] > 0 for r in rows)
-    no_kernel = [(r["layer"], r["pass"]) for r in rows if r["kernel_ms"] is None]
-    assert no_kernel == [("16->32, 32x32, stride 2", "input gradient"), ("32->64, 16x16, stride 2", "input gradient")]
+    assert len(rows) == 3 * len(bench.LAYERS) and all(r["onednn_ms"] > 0 and r["kernel_ms"] > 0 for r in rows)
+    assert {r["pass"] for r in rows} == {"forward", "input gradient", "weight gradient"}
     times = bench.paired_step_ms(rounds=1, batch=8, steps_per_round=1)
     assert set(times) == set(bench.STEP_FORMS) and all(len(v) == 1 and v[0] > 0 for v in times.values())
     assert conv3x3_module.kernel_applies is shipped and conv3x3_module.FORWARD_KERNEL is True

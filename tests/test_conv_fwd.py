@@ -1,5 +1,4 @@
-"""The 3x3 convolution CPU kernel for the forward pass and the stride-1 input gradient
-(kernels/conv_fwd.cpp): float64 results from the same bf16 tensors within one bf16 rounding, the
+"""The 3x3 convolution CPU kernels for the forward pass and the input gradient (kernels/conv_fwd.cpp): float64 results from the same bf16 tensors within one bf16 rounding, the
 output's layout and dtype as oneDNN's, used inside the training path where it applies."""
 from __future__ import annotations
 
@@ -57,6 +56,19 @@ def test_transposed_weights_give_the_float64_input_gradient(batch, in_channels, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch, in_channels, out_channels, size", [
+    (3, 16, 32, 32), (2, 32, 64, 16),  # ResNet-20's two stride-2 layers
+    (2, 16, 48, 7), (2, 48, 16, 9), (1, 16, 16, 5), (1, 16, 16, 2), (1, 16, 16, 1),  # odd and tiny maps
+])
+def test_the_stride2_input_gradient_is_the_float64_one_rounded_once(batch, in_channels, out_channels, size):
+    x = torch.zeros(batch, in_channels, size, size, dtype=torch.float64, requires_grad=True)
+    w = bf16_weight(out_channels, in_channels, seed=1)
+    grad_out = channels_last_bf16(batch, out_channels, (size - 1) // 2 + 1, (size - 1) // 2 + 1, seed=2)
+    F.conv2d(x, w.double(), stride=2, padding=1).backward(grad_out.double())
+    assert_one_bf16_rounding_of(load_conv_fwd_extension().input_grad_stride2(grad_out, w, size, size), x.grad)
+
+
+@needs_kernel
 def test_bad_shapes_are_refused():
     kernel = load_conv_fwd_extension()
     x = channels_last_bf16(1, 16, 8, 8, seed=0)
@@ -66,6 +78,8 @@ def test_bad_shapes_are_refused():
         kernel.convolution(x, bf16_weight(16, 16, seed=0), 2, True)
     with pytest.raises(RuntimeError, match="channels_last"):
         kernel.convolution(x.contiguous(), bf16_weight(16, 16, seed=0), 1, False)
+    with pytest.raises(RuntimeError, match="does not match a 3x3, padding-1, stride-2"):
+        kernel.input_grad_stride2(x, bf16_weight(16, 16, seed=0), 8, 8)  # dy of an 8x8 input is 4x4
 
 
 @needs_kernel
@@ -76,8 +90,12 @@ def test_the_training_convolution_uses_it_and_matches_onednn(monkeypatch, stride
 
     class Counting:
         def convolution(self, *args):
-            calls.append(args[-1])
+            calls.append("transposed" if args[-1] else "forward")
             return real.convolution(*args)
+
+        def input_grad_stride2(self, *args):
+            calls.append("stride-2 input gradient")
+            return real.input_grad_stride2(*args)
 
     monkeypatch.setattr(conv3x3_module, "load_conv_fwd_extension", lambda: Counting())
     torch.manual_seed(0)
@@ -87,7 +105,7 @@ def test_the_training_convolution_uses_it_and_matches_onednn(monkeypatch, stride
         out = conv3x3_train(conv, x)
     grad_out = channels_last_bf16(*out.shape, seed=3)
     out.backward(grad_out)
-    assert calls == ([False, True] if stride == 1 else [False])  # the input gradient of stride 2 stays oneDNN's
+    assert calls == ["forward", "transposed" if stride == 1 else "stride-2 input gradient"]
     kernel_out, kernel_grad = out.detach(), x.grad.clone()
     x.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):

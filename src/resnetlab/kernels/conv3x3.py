@@ -1,8 +1,7 @@
-"""A 3x3 convolution computed by resnetlab's CPU kernels in training: the forward pass and the
-stride-1 input gradient by kernels/conv_fwd.cpp, the weight gradient by kernels/conv_wgrad.cpp
-(from the bf16 tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks
-for oneDNN's bf16 rounding or oneDNN itself; runtime.conv_wgrad). The stride-2 input gradient stays
-oneDNN's.
+"""A 3x3 convolution computed by resnetlab's CPU kernels in training: the forward pass and the input
+gradient by kernels/conv_fwd.cpp, the weight gradient by kernels/conv_wgrad.cpp (from the bf16
+tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks for oneDNN's
+bf16 rounding or oneDNN itself; runtime.conv_wgrad).
 
 On the 2-core Zen 4 (AVX-512 BF16, no AMX) the kernels ran the ResNet-20 layers at 440-480 GFLOP/s
 forward where oneDNN reached 400-490, and the weight gradient at 360-430 against oneDNN's 170-350
@@ -65,7 +64,7 @@ class _Conv3x3(torch.autograd.Function):
         x, weight_bf16 = ctx.saved_tensors
         s = ctx.stride
         grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grad_x_by_kernel = ctx.needs_input_grad[0] and ctx.forward_kernel and s == 1
+        grad_x_by_kernel = ctx.needs_input_grad[0] and ctx.forward_kernel
         grad_w_by_kernel = ctx.needs_input_grad[1] and ctx.wgrad_mode != "native"
         onednn_mask = [ctx.needs_input_grad[0] and not grad_x_by_kernel, ctx.needs_input_grad[1] and not grad_w_by_kernel]
         grad_x = grad_weight = None
@@ -73,8 +72,10 @@ class _Conv3x3(torch.autograd.Function):
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
                 grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [*onednn_mask, False])
             grad_weight = grad_weight.float() if grad_weight is not None else None  # as autocast's cast passes it on
-        if grad_x_by_kernel:
+        if grad_x_by_kernel and s == 1:
             grad_x = load_conv_fwd_extension().convolution(grad_out, weight_bf16, 1, True)
+        elif grad_x_by_kernel:
+            grad_x = load_conv_fwd_extension().input_grad_stride2(grad_out, weight_bf16, x.shape[2], x.shape[3])
         if grad_w_by_kernel:
             grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
             if ctx.wgrad_mode == "kernel-bf16":

@@ -135,6 +135,92 @@ std::vector<__m512i> pack_weights(const torch::Tensor& weight, bool transpose) {
   return packed;
 }
 
+// The input gradient of a stride-2 convolution: dx[ih][iw] collects dy[ho][wo] * w[kh][kw] over the taps
+// with ih = 2 ho + kh - 1 and iw = 2 wo + kw - 1. Even rows take kh = 1 (ho = ih / 2), odd rows kh = 0
+// (ho = ih / 2 + 1) and kh = 2 (ho = ih / 2); the same for columns. So each of the four parity classes of dx
+// pixels is a small stride-1 convolution of dy (1, 2, 2 or 4 taps) whose output pixels lie 2 apart.
+struct Stride2Shape {
+  int64_t h, w, ci, ho, wo, co;  // dx [h][w][ci], dy [ho][wo][co]
+};
+
+struct Tap {
+  int64_t dh, dw;  // dy row and column offsets from (ih / 2, j)
+  int k;           // the tap kh * 3 + kw of w
+};
+
+// P dx pixels (ih, 2 j + parity for j = j0 .. j0+P-1) x OB blocks of 16 dx channels; CR dy channels.
+// weights: w packed transposed (pack_weights(w, true)), whose tap t is w's tap 8 - t.
+template <int P, int OB, int CR>
+inline void stride2_block(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, int64_t a, int64_t j0,
+                          const Tap* taps, int tap_count, uint16_t* out) {
+  constexpr int CR2 = CR / 2, PER_BLOCK = 9 * CR2;
+  __m512 acc[OB][P];
+  for (int b = 0; b < OB; ++b)
+    for (int p = 0; p < P; ++p) acc[b][p] = _mm512_setzero_ps();
+  for (int t = 0; t < tap_count; ++t) {
+    const int64_t r = a + taps[t].dh, c = j0 + taps[t].dw;
+    if (r >= s.ho) continue;
+    const uint32_t* row = dy + (r * s.wo + c) * CR2;
+    const bool right_out = c + P - 1 >= s.wo;
+    const uint32_t* first = P == 1 && right_out ? kZeros : row;
+    const uint32_t* last = right_out ? kZeros : row + (P - 1) * CR2;
+    const __m512i* wk = weights + (8 - taps[t].k) * CR2;
+#pragma GCC unroll 32
+    for (int ip = 0; ip < CR2; ++ip) {
+      __m512bh wv[OB];
+      for (int b = 0; b < OB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(wk + b * PER_BLOCK + ip);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const uint32_t pair = p == 0 ? first[ip] : p == P - 1 ? last[ip] : row[p * CR2 + ip];
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        for (int b = 0; b < OB; ++b) acc[b][p] = _mm512_dpbf16_ps(acc[b][p], wv[b], xv);
+      }
+    }
+  }
+  for (int b = 0; b < OB; ++b)
+    for (int p = 0; p < P; ++p)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * p * s.ci + b * 16),
+                          (__m256i)_mm512_cvtneps_pbh(acc[b][p]));
+}
+
+template <int OB, int CR>
+void stride2_row(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, int64_t ih, int parity,
+                 const Tap* taps, int tap_count, uint16_t* out) {
+  const int64_t count = (s.w - parity + 1) / 2;  // dx columns 2 j + parity
+  int64_t j = 0;
+  if (OB == 1)
+    for (; j + 16 <= count; j += 16) stride2_block<16, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j + 8 <= count; j += 8) stride2_block<8, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j + 4 <= count; j += 4) stride2_block<4, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j < count; ++j) stride2_block<1, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+}
+
+template <int CR>
+void stride2_image(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, uint16_t* dx) {
+  const int64_t per_block = 9 * CR / 2;
+  const bool pairs = (s.w + 1) / 2 < 16;  // as in convolve_rows: 8 pixels x 32 channels on narrow rows
+  for (int64_t ih = 0; ih < s.h; ++ih)
+    for (int parity = 0; parity < 2; ++parity) {
+      // rows: even ih -> kh 1 at ho = ih / 2; odd -> kh 0 at ih / 2 + 1 and kh 2 at ih / 2; columns alike
+      Tap taps[4];
+      int tap_count = 0;
+      for (int kh = 0; kh < 3; ++kh) {
+        if ((kh == 1) != (ih % 2 == 0)) continue;
+        for (int kw = 0; kw < 3; ++kw) {
+          if ((kw == 1) != (parity == 0)) continue;
+          taps[tap_count++] = Tap{kh == 0 ? 1 : 0, kw == 0 ? 1 : 0, kh * 3 + kw};
+        }
+      }
+      uint16_t* out = dx + (ih * s.w + parity) * s.ci;
+      int64_t ob = 0;
+      if (pairs)
+        for (; ob + 2 <= s.ci / 16; ob += 2)
+          stride2_row<2, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, out + ob * 16);
+      for (; ob < s.ci / 16; ++ob)
+        stride2_row<1, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, out + ob * 16);
+    }
+}
+
 }  // namespace
 
 // x [N, Ci, H, W] bf16 channels_last, w [Co, Ci, 3, 3]; returns y [N, Co, Ho, Wo] bf16 channels_last.
@@ -160,6 +246,37 @@ torch::Tensor convolution(const torch::Tensor& x, const torch::Tensor& weight, i
   return y;
 }
 
+// dy [N, Co, Ho, Wo] bf16 channels_last, w [Co, Ci, 3, 3]; returns the input gradient dx [N, Ci, h, w] of a
+// stride-2, padding-1 convolution whose input was h x w, bf16 channels_last.
+torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& weight, int64_t h, int64_t w) {
+  TORCH_CHECK(dy.scalar_type() == at::kBFloat16 && dy.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "a bf16 channels_last gradient expected");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "3x3 weights expected");
+  const Stride2Shape s{h, w, weight.size(1), dy.size(2), dy.size(3), weight.size(0)};
+  TORCH_CHECK(dy.size(1) == s.co && s.ho == (h - 1) / 2 + 1 && s.wo == (w - 1) / 2 + 1,
+              "dy does not match a 3x3, padding-1, stride-2 convolution of an input of this size");
+  TORCH_CHECK((s.co == 16 || s.co == 32 || s.co == 48 || s.co == 64) && s.ci % 16 == 0,
+              "16, 32, 48 or 64 output channels and a multiple of 16 input channels expected");
+  const auto packed = pack_weights(weight, true);
+  auto dx = torch::empty({dy.size(0), s.ci, h, w}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto* dyp = reinterpret_cast<const uint32_t*>(dy.data_ptr());
+  auto* dxp = reinterpret_cast<uint16_t*>(dx.data_ptr());
+  at::parallel_for(0, dy.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint32_t* image = dyp + n * s.ho * s.wo * s.co / 2;
+      uint16_t* out = dxp + n * h * w * s.ci;
+      switch (s.co) {
+        case 16: stride2_image<16>(image, packed.data(), s, out); break;
+        case 32: stride2_image<32>(image, packed.data(), s, out); break;
+        case 48: stride2_image<48>(image, packed.data(), s, out); break;
+        case 64: stride2_image<64>(image, packed.data(), s, out); break;
+      }
+    }
+  });
+  return dx;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution", &convolution, "3x3, padding-1 convolution of a bf16 channels_last tensor (fp32 accumulation)");
+  m.def("input_grad_stride2", &input_grad_stride2, "input gradient of a 3x3, padding-1, stride-2 convolution");
 }
