@@ -3,9 +3,9 @@ gradient by kernels/conv_fwd.cpp, the weight gradient by kernels/conv_wgrad.cpp 
 tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks for oneDNN's
 bf16 rounding or oneDNN itself; runtime.conv_wgrad).
 
-On the 2-core Zen 4 (AVX-512 BF16, no AMX) the kernels ran the ResNet-20 layers at 440-480 GFLOP/s
-forward where oneDNN reached 400-490, and the weight gradient at 360-430 against oneDNN's 170-350
-(docs/speed-notes.md). Used only inside `fused_bn_relu()` (runtime.fused_bn), in training, for bf16
+On the 2-core Zen 4 (AVX-512 BF16, no AMX) the kernels ran the ResNet-20 layers at 440-490 GFLOP/s
+forward and to the input where oneDNN reached 375-490 (195-275 for the stride-2 input gradients), and
+the weight gradient at 365-430 against oneDNN's 165-355 (docs/speed-notes.md). Used only inside `fused_bn_relu()` (runtime.fused_bn), in training, for bf16
 channels_last CPU tensors with 16, 32, 48 or 64 channels in and out on maps up to 32x32 (where they
 were measured faster); everything else runs the module unchanged.
 """

@@ -2,8 +2,8 @@
 // fp32 accumulation and a bf16 result, as oneDNN computes it under autocast:
 //   y[n][ho][wo][o] = sum over kh, kw, i of x[n][ho*s + kh - 1][wo*s + kw - 1][i] * w[o][i][kh][kw]
 // With the weights transposed and flipped (transpose=true) the same loop gives the input gradient
-// of a stride-1 convolution: dx = conv(dy, w^T flipped). The Python side (conv3x3.py) checks the
-// shapes and falls back to the native operators otherwise.
+// of a stride-1 convolution: dx = conv(dy, w^T flipped); input_grad_stride2 gives that of a stride-2
+// one. The Python side (conv3x3.py) checks the shapes and falls back to the native operators otherwise.
 //
 // Why: on the 2-core Zen 4 (AVX-512 BF16, no AMX) oneDNN ran the CIFAR ResNets' 16-channel layers,
 // the largest share of a ResNet-20 step, at about 357 GFLOP/s forward against a bf16 matmul peak of
