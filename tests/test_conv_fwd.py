@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from resnetlab.kernels import conv3x3 as conv3x3_module
-from resnetlab.kernels import conv3x3_train, fused_bn_relu, load_conv_fwd_extension
+from resnetlab.kernels import load_conv_fwd_extension
+
+from convkit import channels_last_bf16, train_conv3x3
 
 needs_kernel = pytest.mark.skipif(load_conv_fwd_extension() is None,
                                   reason="the kernel needs AVX-512 BF16 and a C++ compiler with ninja")
@@ -17,11 +18,6 @@ SHAPES = [  # batch, in channels, out channels, size, stride
     (2, 48, 16, 9, 1), (2, 16, 48, 7, 2),  # odd sizes: partial pixel blocks and the zero border
     (1, 32, 16, 5, 1),
 ]
-
-
-def channels_last_bf16(*shape: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
 def bf16_weight(out_channels: int, in_channels: int, seed: int) -> torch.Tensor:
@@ -98,13 +94,7 @@ def test_the_training_convolution_uses_it_and_matches_onednn(monkeypatch, stride
             return real.input_grad_stride2(*args)
 
     monkeypatch.setattr(conv3x3_module, "load_conv_fwd_extension", lambda: Counting())
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
-    x = channels_last_bf16(4, 16, 12, 12, seed=2).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), fused_bn_relu():
-        out = conv3x3_train(conv, x)
-    grad_out = channels_last_bf16(*out.shape, seed=3)
-    out.backward(grad_out)
+    conv, x, out, grad_out = train_conv3x3(stride)
     assert calls == ["forward", "transposed" if stride == 1 else "stride-2 input gradient"]
     kernel_out, kernel_grad = out.detach(), x.grad.clone()
     x.grad = None

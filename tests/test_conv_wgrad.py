@@ -15,13 +15,10 @@ from resnetlab.kernels import conv3x3_train, conv_weight_grad, fused_bn_relu, lo
 from resnetlab.kernels import conv3x3 as conv3x3_module
 from resnetlab.models import create_model
 
+from convkit import channels_last_bf16, train_conv3x3
+
 needs_kernel = pytest.mark.skipif(load_conv_wgrad_extension() is None,
                                   reason="the kernel needs AVX-512 BF16 and a C++ compiler with ninja")
-
-
-def channels_last_bf16(*shape: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
 def float64_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
@@ -51,13 +48,7 @@ def test_the_kernel_gives_the_float64_weight_gradient(batch, in_channels, out_ch
 @pytest.mark.parametrize("stride", [1, 2])
 def test_with_onednns_forward_the_kernel_changes_only_the_weight_gradient(monkeypatch, stride):
     monkeypatch.setattr(conv3x3_module, "FORWARD_KERNEL", False)  # the forward kernel: tests/test_conv_fwd.py
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
-    x = channels_last_bf16(4, 16, 12, 12, seed=2).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), fused_bn_relu():
-        out = conv3x3_train(conv, x)
-    grad_out = channels_last_bf16(*out.shape, seed=3)
-    out.backward(grad_out)
+    conv, x, out, grad_out = train_conv3x3(stride)
     kernel_x_grad, kernel_w_grad = x.grad.clone(), conv.weight.grad.clone()
     x.grad, conv.weight.grad = None, None
     with torch.autocast("cpu", dtype=torch.bfloat16):

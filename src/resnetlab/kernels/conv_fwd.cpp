@@ -33,6 +33,35 @@ struct Shape {
 
 alignas(64) const uint32_t kZeros[32] = {};  // the zero border: read in place of pixels outside the image
 
+// One tap: acc[b][p] += weights of block b (16 output lanes x one input pair) . broadcast input pair of
+// pixel p, over the CI2 input pairs. Pixel p's pairs start at row + p * STEP, except that the first and
+// last pixels read from `first` and `last` (a row of zeros where their tap falls outside the image).
+template <int P, int OB, int CI2, int STEP>
+inline void multiply_add_tap(__m512 (&acc)[OB][P], const __m512i* wk, const uint32_t* row, const uint32_t* first,
+                             const uint32_t* last) {
+  constexpr int PER_BLOCK = 9 * CI2;
+#pragma GCC unroll 32
+  for (int ip = 0; ip < CI2; ++ip) {
+    __m512bh wv[OB];
+    for (int b = 0; b < OB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(wk + b * PER_BLOCK + ip);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      const uint32_t pair = p == 0 ? first[ip] : p == P - 1 ? last[ip] : row[p * STEP + ip];
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int b = 0; b < OB; ++b) acc[b][p] = _mm512_dpbf16_ps(acc[b][p], wv[b], xv);
+    }
+  }
+}
+
+// acc as bf16 (round to nearest even, as oneDNN rounds) to P pixels PIXEL_STEP values apart.
+template <int P, int OB>
+inline void store_bf16(const __m512 (&acc)[OB][P], uint16_t* out, int64_t pixel_step) {
+  for (int b = 0; b < OB; ++b)
+    for (int p = 0; p < P; ++p)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * pixel_step + b * 16),
+                          (__m256i)_mm512_cvtneps_pbh(acc[b][p]));
+}
+
 // P output pixels (wo0 .. wo0+P-1 of row ho) x OB blocks of 16 output channels; CI input channels,
 // stride S (compile-time, so that every load below has a constant offset). Each broadcast input
 // pair feeds OB multiply-adds. Taps above or below the image are skipped; a tap left of the first
@@ -40,7 +69,7 @@ alignas(64) const uint32_t kZeros[32] = {};  // the zero border: read in place o
 template <int P, int OB, int CI, int S>
 inline void pixel_block(const uint32_t* image, const __m512i* weights, const Shape& s, int64_t ho, int64_t wo0,
                         uint16_t* out) {
-  constexpr int CI2 = CI / 2, PER_BLOCK = 9 * CI2;
+  constexpr int CI2 = CI / 2;
   __m512 acc[OB][P];
   for (int b = 0; b < OB; ++b)
     for (int p = 0; p < P; ++p) acc[b][p] = _mm512_setzero_ps();
@@ -51,22 +80,9 @@ inline void pixel_block(const uint32_t* image, const __m512i* weights, const Sha
     const bool left_out = iw < 0, right_out = iw + (P - 1) * S >= s.w;
     const uint32_t* first = left_out || (P == 1 && right_out) ? kZeros : row;
     const uint32_t* last = right_out ? kZeros : row + (P - 1) * S * CI2;
-    const __m512i* wk = weights + k * CI2;
-#pragma GCC unroll 32
-    for (int ip = 0; ip < CI2; ++ip) {
-      __m512bh wv[OB];
-      for (int b = 0; b < OB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(wk + b * PER_BLOCK + ip);
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        const uint32_t pair = p == 0 ? first[ip] : p == P - 1 ? last[ip] : row[p * S * CI2 + ip];
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-        for (int b = 0; b < OB; ++b) acc[b][p] = _mm512_dpbf16_ps(acc[b][p], wv[b], xv);
-      }
-    }
+    multiply_add_tap<P, OB, CI2, S * CI2>(acc, weights + k * CI2, row, first, last);
   }
-  for (int b = 0; b < OB; ++b)
-    for (int p = 0; p < P; ++p)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * s.co + b * 16), (__m256i)_mm512_cvtneps_pbh(acc[b][p]));
+  store_bf16<P, OB>(acc, out, s.co);
 }
 
 // One row of output pixels for OB output-channel blocks starting at weights/out.
@@ -153,7 +169,7 @@ struct Tap {
 template <int P, int OB, int CR>
 inline void stride2_block(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, int64_t a, int64_t j0,
                           const Tap* taps, int tap_count, uint16_t* out) {
-  constexpr int CR2 = CR / 2, PER_BLOCK = 9 * CR2;
+  constexpr int CR2 = CR / 2;
   __m512 acc[OB][P];
   for (int b = 0; b < OB; ++b)
     for (int p = 0; p < P; ++p) acc[b][p] = _mm512_setzero_ps();
@@ -164,23 +180,9 @@ inline void stride2_block(const uint32_t* dy, const __m512i* weights, const Stri
     const bool right_out = c + P - 1 >= s.wo;
     const uint32_t* first = P == 1 && right_out ? kZeros : row;
     const uint32_t* last = right_out ? kZeros : row + (P - 1) * CR2;
-    const __m512i* wk = weights + (8 - taps[t].k) * CR2;
-#pragma GCC unroll 32
-    for (int ip = 0; ip < CR2; ++ip) {
-      __m512bh wv[OB];
-      for (int b = 0; b < OB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(wk + b * PER_BLOCK + ip);
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        const uint32_t pair = p == 0 ? first[ip] : p == P - 1 ? last[ip] : row[p * CR2 + ip];
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-        for (int b = 0; b < OB; ++b) acc[b][p] = _mm512_dpbf16_ps(acc[b][p], wv[b], xv);
-      }
-    }
+    multiply_add_tap<P, OB, CR2, CR2>(acc, weights + (8 - taps[t].k) * CR2, row, first, last);
   }
-  for (int b = 0; b < OB; ++b)
-    for (int p = 0; p < P; ++p)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * p * s.ci + b * 16),
-                          (__m256i)_mm512_cvtneps_pbh(acc[b][p]));
+  store_bf16<P, OB>(acc, out, 2 * s.ci);
 }
 
 template <int OB, int CR>
