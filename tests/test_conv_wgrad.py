@@ -32,6 +32,7 @@ def float64_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, out_channels: i
     (6, 16, 16, 32, 1), (5, 16, 32, 32, 2), (4, 32, 32, 16, 1), (3, 32, 64, 16, 2), (9, 64, 64, 8, 1),
     (2, 16, 48, 7, 2),  # odd sizes: the last output pixel reads the zero border
     (1, 32, 16, 5, 1),  # a single image: paired with zeros
+    (19, 64, 64, 8, 1),  # several groups of pairs per thread, the last one odd: prefetches stop at the batch's end
 ])
 def test_the_kernel_gives_the_float64_weight_gradient(batch, in_channels, out_channels, size, stride):
     x = channels_last_bf16(batch, in_channels, size, size, seed=0)
