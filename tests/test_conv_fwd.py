@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from resnetlab.kernels import conv3x3 as conv3x3_module
-from resnetlab.kernels import ConvBeforeBatchNorm, conv3x3_train, fused_bn_relu, load_conv_fwd_extension
+from resnetlab.kernels import ConvBeforeBatchNorm, ConvOutput, bn_relu, conv3x3_train, fused_bn_relu, load_conv_fwd_extension
+from resnetlab.kernels import bn_relu_conv as bn_relu_conv_module
 from resnetlab.models import blocks as blocks_module
 from resnetlab.models.blocks import BasicBlock
 from resnetlab.models.layers import ZeroPadShortcut
@@ -165,6 +166,10 @@ def test_a_residual_block_adds_its_shortcut_gradient_in_the_input_gradient_kerne
             calls.append("forward with sums")
             return real.convolution_with_sums(x, w, stride)
 
+        def input_grad_with_bn_sums(self, *args):
+            calls.append("input gradient with the BN's sums")
+            return real.input_grad_with_bn_sums(*args)
+
         def convolution(self, x, w, stride, transpose, addend=None):
             calls.append(("forward" if not transpose else "input gradient") + (" + addend" if addend is not None else ""))
             return real.convolution(x, w, stride, transpose, addend)
@@ -187,11 +192,15 @@ def test_a_residual_block_adds_its_shortcut_gradient_in_the_input_gradient_kerne
         return inputs.grad
 
     monkeypatch.setattr(conv3x3_module, "load_conv_fwd_extension", lambda: Recording())
+    monkeypatch.setattr(bn_relu_conv_module, "load_conv_fwd_extension", lambda: Recording())
     fused = input_gradient()
-    assert calls == ["forward with sums"] * 2 + ["input gradient", "input gradient + addend"]  # conv2's, then conv1's
+    # conv1 and (fused with bn1) conv2 forward, then conv2's and conv1's input gradients
+    assert calls == ["forward with sums"] * 2 + ["input gradient with the BN's sums", "input gradient + addend"]
     # the same block with autograd adding the two gradients afterwards (a second bf16 rounding)
     monkeypatch.setattr(blocks_module, "conv3x3_before_bn",
                         lambda conv, inputs, share_input=False: ConvBeforeBatchNorm(conv3x3_train(conv, inputs), None, inputs))
+    monkeypatch.setattr(blocks_module, "bn_relu_conv3x3",
+                        lambda bn, conv, inputs, sums=None: ConvOutput(conv3x3_train(conv, bn_relu(bn, inputs)), None))
     separate = input_gradient()
     assert fused.dtype == separate.dtype == torch.bfloat16
     fused, separate = fused.float(), separate.float()

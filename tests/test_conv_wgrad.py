@@ -11,7 +11,7 @@ from torch import nn
 from resnetlab.config import RuntimeSection
 from resnetlab.engine.runtime import resolve_runtime
 from resnetlab.errors import ConfigError
-from resnetlab.kernels import ConvBeforeBatchNorm, conv3x3_train, conv_weight_grad, fused_bn_relu, load_conv_wgrad_extension
+from resnetlab.kernels import ConvBeforeBatchNorm, ConvOutput, bn_relu, conv3x3_train, conv_weight_grad, fused_bn_relu, load_conv_wgrad_extension
 from resnetlab.kernels import conv3x3 as conv3x3_module
 from resnetlab.models import create_model
 from resnetlab.models import blocks as blocks_module
@@ -110,6 +110,8 @@ def test_resnet20_gradients_with_the_kernel_match_the_native_ones():
                 patch.setattr(conv3x3_module, "kernel_applies", lambda conv, x: False)
             patch.setattr(blocks_module, "conv3x3_before_bn",
                           lambda conv, x, share_input=False: ConvBeforeBatchNorm(conv3x3_train(conv, x), None, x))
+            patch.setattr(blocks_module, "bn_relu_conv3x3",
+                          lambda bn, conv, x, sums=None: ConvOutput(conv3x3_train(conv, bn_relu(bn, x)), None))
             with torch.autocast("cpu", dtype=torch.bfloat16), fused_bn_relu():
                 out = model(x)
             F.cross_entropy(out.float(), torch.arange(8) % 10).backward()

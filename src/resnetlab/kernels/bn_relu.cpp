@@ -87,11 +87,13 @@ void scale_and_shift(const at::Tensor& weight, const at::Tensor& bias, const at:
   for (int l = 0; l < V; ++l) {
     const int c = l % C;
     scale[l] = w[c] * is[c];
-    shift[l] = b[c] - m[c] * scale[l];
+    shift[l] = std::fma(-m[c], scale[l], b[c]);
   }
 }
 
-inline float normalize(uint16_t x, float scale, float shift) { return bf16_to_float(x) * scale + shift; }
+// Explicit fused multiply-adds here and in scale_and_shift, so that another kernel can recompute the ReLU
+// mask bit for bit (conv_fwd.cpp's input gradient before a BN + ReLU, from `affine` below).
+inline float normalize(uint16_t x, float scale, float shift) { return std::fma(bf16_to_float(x), scale, shift); }
 
 // x's per-channel sums and sums of squares {sum[C], sum_squares[C]}: the given ones (the convolution that
 // wrote x gathered them: kernels/conv_fwd.cpp), else from a pass over x.
@@ -160,10 +162,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
 // instead, one per value, so each of the two passes reads 1/16 of what reading y cost. Word
 // (row / 16) * V + lane holds the bits of 16 consecutive rows (bit row % 16), so a row's mask loads as
 // contiguous words shifted by one common amount: the loops vectorise as they did reading y.
+// given_sums: {sum g, sum g (x - mean)} per channel ([2, C] float64) where the kernel that wrote dy
+// gathered them (conv_fwd.cpp: input_grad_with_bn_sums), sparing the first pass.
 template <int C, bool kResidual>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask_bits,
                                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
-                                      const at::Tensor& invstd) {
+                                      const at::Tensor& invstd, const c10::optional<at::Tensor>& given_sums) {
   constexpr int V = C < 32 ? 32 : C;
   const int64_t rows = x.numel() / V, count = x.numel() / C;
   const uint16_t* __restrict xp = bf16_data(x);
@@ -178,9 +182,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
     if constexpr (kResidual) return (mp[(r / 16) * V + l] >> (r % 16)) & 1u ? g : 0.f;
     else return normalize(xp[i], scale[l], shift[l]) > 0.f ? g : 0.f;
   };
-  const auto sums = channel_sums<C, V>(
-      rows, [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r); },
-      [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r) * (bf16_to_float(xp[i]) - mu[l]); });
+  const auto sums = given_sums.has_value()
+      ? std::vector<double>(given_sums->data_ptr<double>(), given_sums->data_ptr<double>() + 2 * C)
+      : channel_sums<C, V>(
+            rows, [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r); },
+            [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r) * (bf16_to_float(xp[i]) - mu[l]); });
 
   const float* w = weight.data_ptr<float>();
   const float* is = invstd.data_ptr<float>();
@@ -219,13 +225,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
 #define RESNETLAB_FOR_EACH_WIDTH(MACRO) \
   MACRO(16) MACRO(32) MACRO(64) MACRO(128) MACRO(256) MACRO(512) MACRO(1024) MACRO(2048)
 
+void check_sums(const c10::optional<at::Tensor>& sums, const at::Tensor& x) {
+  TORCH_CHECK(!sums.has_value() || (sums->scalar_type() == at::kDouble && sums->is_contiguous() &&
+                                    sums->dim() == 2 && sums->size(0) == 2 && sums->size(1) == x.size(1)),
+              "bn_relu: the sums must be a contiguous [2, C] float64 tensor");
+}
+
 // sums: x's per-channel sums and sums of squares, [2, C] float64, where the caller has them.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 const c10::optional<at::Tensor>& residual, double eps,
                                 const c10::optional<at::Tensor>& sums) {
-  TORCH_CHECK(!sums.has_value() || (sums->scalar_type() == at::kDouble && sums->is_contiguous() &&
-                                    sums->dim() == 2 && sums->size(0) == 2 && sums->size(1) == x.size(1)),
-              "bn_relu: the sums must be a contiguous [2, C] float64 tensor");
+  check_sums(sums, x);
   const bool has_residual = residual.has_value();
   const at::Tensor r = has_residual ? *residual : at::Tensor();
   switch (x.size(1)) {
@@ -241,7 +251,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 // mask_bits: the forward's last output where there was a residual; none without one.
 std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
                                  const c10::optional<at::Tensor>& mask_bits, const at::Tensor& weight,
-                                 const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+                                 const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+                                 const c10::optional<at::Tensor>& sums) {
+  check_sums(sums, x);
   const bool has_residual = mask_bits.has_value();
   const at::Tensor out = has_residual ? *mask_bits : at::Tensor();
   TORCH_CHECK(!has_residual || (out.scalar_type() == at::kShort && out.numel() == (x.numel() / std::max<int64_t>(
@@ -249,12 +261,30 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
               "bn_relu: the mask bits do not belong to this input");
   switch (x.size(1)) {
 #define CASE(C)                                                                                 \
-  case C: return has_residual ? backward_impl<C, true>(grad_y, x, out, weight, bias, mean, invstd) \
-                              : backward_impl<C, false>(grad_y, x, out, weight, bias, mean, invstd);
+  case C: return has_residual ? backward_impl<C, true>(grad_y, x, out, weight, bias, mean, invstd, sums) \
+                              : backward_impl<C, false>(grad_y, x, out, weight, bias, mean, invstd, sums);
     RESNETLAB_FOR_EACH_WIDTH(CASE)
 #undef CASE
     default: TORCH_CHECK(false, "bn_relu: unsupported channel count ", x.size(1));
   }
+}
+
+// The per-channel scale and shift of bn(x) = x * scale + shift, float32 [C] each, exactly as the kernels
+// compute them: for a kernel elsewhere that recomputes the ReLU mask as fma(x, scale, shift) > 0.
+std::vector<at::Tensor> affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+                               const at::Tensor& invstd) {
+  const int64_t channels = weight.numel();
+  at::Tensor scale = at::empty({channels}, weight.options()), shift = at::empty({channels}, weight.options());
+  switch (channels) {
+#define CASE(C) \
+  case C: { float sc[C < 32 ? 32 : C], sh[C < 32 ? 32 : C]; \
+            scale_and_shift<C, (C < 32 ? 32 : C)>(weight, bias, mean, invstd, sc, sh); \
+            std::memcpy(scale.data_ptr<float>(), sc, C * 4); std::memcpy(shift.data_ptr<float>(), sh, C * 4); break; }
+    RESNETLAB_FOR_EACH_WIDTH(CASE)
+#undef CASE
+    default: TORCH_CHECK(false, "bn_relu: unsupported channel count ", channels);
+  }
+  return {scale, shift};
 }
 
 }  // namespace
@@ -262,5 +292,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "y, mean, invstd, biased var [, ReLU mask bits] = relu(batch_norm(x) [+ residual])", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"), py::arg("sums") = py::none());
-  m.def("backward", &backward, "grad x, grad weight, grad bias [, grad residual]");
+  m.def("backward", &backward, "grad x, grad weight, grad bias [, grad residual]", py::arg("grad_y"), py::arg("x"),
+        py::arg("mask_bits"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("invstd"),
+        py::arg("sums") = py::none());
+  m.def("affine", &affine, "the per-channel scale and shift of bn(x) = x * scale + shift, as the kernels compute them");
 }

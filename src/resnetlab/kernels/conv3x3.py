@@ -52,6 +52,17 @@ def _bf16_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
+def weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, weight_bf16: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
+    """The fp32 weight gradient of a 3x3 convolution from bf16 channels_last `grad_out` and input `x`,
+    from resnetlab's kernel or oneDNN's as `mode` says (WGRAD_MODES)."""
+    if mode == "native":
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+        return grad_weight.float()  # as autocast's cast passes it on
+    grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, stride)
+    return grad_weight.to(torch.bfloat16).float() if mode == "kernel-bf16" else grad_weight
+
+
 class _Conv3x3(torch.autograd.Function):
     """conv(x); with `with_sums` also the per-channel sums of the output and of their squares (the
     statistics of the batch norm that follows, gathered by the forward kernel as it writes the output:
@@ -123,13 +134,14 @@ def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and load_conv_wgrad_extension() is not None)
 
 
-def _kernels_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+def kernels_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv3x3_train(conv, x)` runs resnetlab's kernels here and now."""
     return not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x)
 
 
 def conv3x3_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x), with resnetlab's kernels where they apply."""
-    if _kernels_apply(conv, x):
+    if kernels_apply(conv, x):
         return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get(), False, False)
     return conv(x)
 
@@ -148,7 +160,7 @@ def conv3x3_before_bn(conv: nn.Conv2d, x: torch.Tensor, share_input: bool = Fals
     `.input` (use it for the block's shortcut) is added to the input gradient by the convolution's
     kernel as it writes it (a read of one tensor), not by autograd afterwards (two reads and a write).
     Elsewhere: (conv(x), None, x)."""
-    if not _kernels_apply(conv, x):
+    if not kernels_apply(conv, x):
         return ConvBeforeBatchNorm(conv(x), None, x)
     with_sums = FORWARD_KERNEL and load_conv_fwd_extension() is not None
     outputs = _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get(), share_input, with_sums)

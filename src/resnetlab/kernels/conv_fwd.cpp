@@ -65,14 +65,25 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 //        bf16 tensors afterwards (a read of one tensor instead of two reads and a write; one rounding less).
 //  sums: per-channel sums of the rounded output, and at sums + squares the sums of its squares: the batch
 //        norm that follows then needs no pass of its own over the output for its statistics.
+//  bn_x: where the output is the gradient dy of relu(bn(bn_x)) (bf16, laid out as the output), `sums`
+//        gathers instead the two sums that batch norm's backward pass needs, sum g and sum g (bn_x - mean)
+//        with g = dy where fma(bn_x, scale, shift) > 0 (the forward's ReLU mask, recomputed bit for bit
+//        from the per-channel scale and shift of bn_relu.cpp's `affine`): that pass then reads dy and x
+//        once instead of twice, and this read of bn_x overlaps the convolution's arithmetic.
 struct Epilogue {
   const uint16_t* add = nullptr;
   float* sums = nullptr;
   int64_t squares = 0;
+  const uint16_t* bn_x = nullptr;
+  const float* scale = nullptr;  // per channel, from the block's first channel on (as sums)
+  const float* shift = nullptr;
+  const float* mean = nullptr;
 
   // The epilogue of the output block k values further on, whose first channel is c.
   Epilogue at(int64_t k, int64_t c) const {
-    return {add == nullptr ? nullptr : add + k, sums == nullptr ? nullptr : sums + c, squares};
+    return {add == nullptr ? nullptr : add + k, sums == nullptr ? nullptr : sums + c, squares,
+            bn_x == nullptr ? nullptr : bn_x + k, scale == nullptr ? nullptr : scale + c,
+            shift == nullptr ? nullptr : shift + c, mean == nullptr ? nullptr : mean + c};
   }
 };
 
@@ -82,12 +93,24 @@ template <int P, int OB>
 inline void store_bf16(const __m512 (&acc)[OB][P], uint16_t* out, int64_t pixel_step, const Epilogue& e) {
   for (int b = 0; b < OB; ++b) {
     __m512 sum = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
+    __m512 scale = sum, shift = sum, mean = sum;
+    if (e.bn_x != nullptr) {
+      scale = _mm512_loadu_ps(e.scale + b * 16);
+      shift = _mm512_loadu_ps(e.shift + b * 16);
+      mean = _mm512_loadu_ps(e.mean + b * 16);
+    }
     for (int p = 0; p < P; ++p) {
       __m512 v = acc[b][p];
       if (e.add != nullptr) v = _mm512_add_ps(v, load_bf16x16(e.add + p * pixel_step + b * 16));
       const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(v);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * pixel_step + b * 16), rounded);
-      if (e.sums != nullptr) {
+      if (e.bn_x != nullptr) {  // the batch norm's backward sums (see Epilogue)
+        const __m512 x = load_bf16x16(e.bn_x + p * pixel_step + b * 16);
+        const __mmask16 kept = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, scale, shift), _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 g = _mm512_maskz_mov_ps(kept, bf16x16_to_ps(rounded));
+        sum = _mm512_add_ps(sum, g);
+        squares = _mm512_fmadd_ps(g, _mm512_sub_ps(x, mean), squares);
+      } else if (e.sums != nullptr) {
         const __m512 r = bf16x16_to_ps(rounded);
         sum = _mm512_add_ps(sum, r);
         squares = _mm512_fmadd_ps(r, r, squares);
@@ -290,9 +313,19 @@ const uint16_t* addend_data(const c10::optional<torch::Tensor>& addend, const to
   return reinterpret_cast<const uint16_t*>(addend->data_ptr());
 }
 
-// y, and with `with_sums` the per-channel sums of y and of its squares [2, Co] (float64).
+// The batch norm whose backward sums the input gradient's epilogue gathers (Epilogue: bn_x).
+struct BatchNormInput {
+  const uint16_t* x = nullptr;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const float* mean = nullptr;
+};
+
+// y, and with `with_sums` the per-channel sums of y and of its squares [2, Co] (float64), or with a
+// batch norm those of its backward pass (Epilogue).
 std::vector<torch::Tensor> convolve(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride, bool transpose,
-                                    const c10::optional<torch::Tensor>& addend, bool with_sums) {
+                                    const c10::optional<torch::Tensor>& addend, bool with_sums,
+                                    const BatchNormInput& bn = {}) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "a bf16 channels_last input expected");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "3x3 weights expected");
@@ -314,7 +347,8 @@ std::vector<torch::Tensor> convolve(const torch::Tensor& x, const torch::Tensor&
     double* thread_totals = with_sums ? &totals[size_t(at::get_thread_num()) * 2 * co] : nullptr;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t out = n * s.ho * s.wo * s.co;
-      const Epilogue e{add == nullptr ? nullptr : add + out, with_sums ? row_sums.data() : nullptr, co};
+      const Epilogue e{add == nullptr ? nullptr : add + out, with_sums ? row_sums.data() : nullptr, co,
+                       bn.x == nullptr ? nullptr : bn.x + out, bn.scale, bn.shift, bn.mean};
       convolve_image(xp + n * s.h * s.w * s.ci, packed.data(), s, yp + out, e, thread_totals);
     }
   });
@@ -341,6 +375,25 @@ torch::Tensor convolution(const torch::Tensor& x, const torch::Tensor& weight, i
 // written: (y, sums).
 std::vector<torch::Tensor> convolution_with_sums(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride) {
   return convolve(x, weight, stride, false, c10::nullopt, true);
+}
+
+// The input gradient dy of a stride-1 convolution (as convolution(grad_out, weight, 1, true)) whose input
+// was relu(bn(bn_x)), and the two sums of that batch norm's backward pass, [2, C] float64: sum g and
+// sum g (bn_x - mean), g = dy where fma(bn_x, scale, shift) > 0 (scale, shift: bn_relu's `affine`).
+std::vector<torch::Tensor> input_grad_with_bn_sums(const torch::Tensor& grad_out, const torch::Tensor& weight,
+                                                   const torch::Tensor& bn_x, const torch::Tensor& scale,
+                                                   const torch::Tensor& shift, const torch::Tensor& mean) {
+  const int64_t c = weight.size(1);
+  TORCH_CHECK(bn_x.scalar_type() == at::kBFloat16 && bn_x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  bn_x.dim() == 4 && bn_x.size(0) == grad_out.size(0) && bn_x.size(1) == c &&
+                  bn_x.size(2) == grad_out.size(2) && bn_x.size(3) == grad_out.size(3),
+              "bn_x must be a bf16 channels_last tensor of the input gradient's shape");
+  for (const auto* t : {&scale, &shift, &mean})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == c,
+                "scale, shift and mean must be contiguous float32 tensors of one value per channel");
+  const BatchNormInput bn{reinterpret_cast<const uint16_t*>(bn_x.data_ptr()), scale.data_ptr<float>(),
+                          shift.data_ptr<float>(), mean.data_ptr<float>()};
+  return convolve(grad_out, weight, 1, true, c10::nullopt, true, bn);
 }
 
 // dy [N, Co, Ho, Wo] bf16 channels_last, w [Co, Ci, 3, 3]; returns the input gradient dx [N, Ci, h, w] of a
@@ -379,6 +432,8 @@ torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& w
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convolution", &convolution, "3x3, padding-1 convolution of a bf16 channels_last tensor (fp32 accumulation)",
         py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("transpose"), py::arg("addend") = py::none());
+  m.def("input_grad_with_bn_sums", &input_grad_with_bn_sums,
+        "the stride-1 input gradient and the backward sums of the batch norm + ReLU before the convolution");
   m.def("convolution_with_sums", &convolution_with_sums,
         "the forward convolution and the per-channel sums of its output and of their squares, [2, Co] float64");
   m.def("input_grad_stride2", &input_grad_stride2, "input gradient of a 3x3, padding-1, stride-2 convolution",

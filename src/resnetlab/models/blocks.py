@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnetlab.kernels import bn_relu, conv3x3_before_bn, conv3x3_train
+from resnetlab.kernels import bn_relu, bn_relu_conv3x3, conv3x3_before_bn, conv3x3_train
 from resnetlab.models.layers import conv1x1, conv3x3
 
 POST_ACTIVATION_VARIANTS = ("reference", "no_relu", "bn_after_add", "bn_after_add_no_relu")
@@ -79,7 +79,7 @@ class BasicBlock(_PostActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x feeds conv1 and the shortcut: taken from conv1, conv1's kernel adds the two gradients
         first = conv3x3_before_bn(self.conv1, x, share_input=self.residual)
-        second = conv3x3_before_bn(self.conv2, bn_relu(self.bn1, first.out, sums=first.sums))
+        second = bn_relu_conv3x3(self.bn1, self.conv2, first.out, first.sums)
         return self._merge(second.out, first.input, self.bn2, second.sums)
 
     def zero_init_last(self) -> None:
