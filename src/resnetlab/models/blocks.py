@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnetlab.kernels import bn_relu, bn_relu_conv3x3, conv3x3_before_bn, conv3x3_train
+from resnetlab.kernels import bn_relu, bn_relu_conv3x3, conv3x3_before_bn
 from resnetlab.models.layers import conv1x1, conv3x3
 
 POST_ACTIVATION_VARIANTS = ("reference", "no_relu", "bn_after_add", "bn_after_add_no_relu")
@@ -157,7 +157,7 @@ class PreActBasicBlock(_PreActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
         first = conv3x3_before_bn(self.conv1, pre)
-        out = conv3x3_train(self.conv2, bn_relu(self.bn2, first.out, sums=first.sums))
+        out = bn_relu_conv3x3(self.bn2, self.conv2, first.out, first.sums).out
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
