@@ -11,10 +11,9 @@ from torch import nn
 from resnetlab.config import RuntimeSection
 from resnetlab.engine.runtime import resolve_runtime
 from resnetlab.errors import ConfigError
-from resnetlab.kernels import ConvBeforeBatchNorm, ConvOutput, bn_relu, conv3x3_train, conv_weight_grad, fused_bn_relu, load_conv_wgrad_extension
+from resnetlab.kernels import conv3x3_train, conv_weight_grad, fused_bn_relu, load_conv_wgrad_extension
 from resnetlab.kernels import conv3x3 as conv3x3_module
 from resnetlab.models import create_model
-from resnetlab.models import blocks as blocks_module
 
 from convkit import channels_last_bf16, train_conv3x3
 
@@ -94,10 +93,8 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
 
 @needs_kernel
 def test_resnet20_gradients_with_the_kernel_match_the_native_ones():
-    """The whole model in the engine's CPU configuration, with the kernels' convolutions alone (not
-    conv3x3_before_bn's fusions, whose one rounding instead of two moves every gradient a little: that
-    whole path is held to fp32 in test_fused_bn.py): only the weight gradients of the 3x3 convolutions
-    change, by no more than their bf16 rounding on the native path."""
+    """The whole model in the engine's CPU configuration: only the weight gradients of the 3x3
+    convolutions change, by no more than their bf16 rounding on the native path."""
     torch.manual_seed(0)
     model = create_model("resnet20").to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -108,10 +105,6 @@ def test_resnet20_gradients_with_the_kernel_match_the_native_ones():
         with pytest.MonkeyPatch.context() as patch:
             if not use_kernel:
                 patch.setattr(conv3x3_module, "kernel_applies", lambda conv, x: False)
-            patch.setattr(blocks_module, "conv3x3_before_bn",
-                          lambda conv, x, share_input=False: ConvBeforeBatchNorm(conv3x3_train(conv, x), None, x))
-            patch.setattr(blocks_module, "bn_relu_conv3x3",
-                          lambda bn, conv, x, sums=None: ConvOutput(conv3x3_train(conv, bn_relu(bn, x)), None))
             with torch.autocast("cpu", dtype=torch.bfloat16), fused_bn_relu():
                 out = model(x)
             F.cross_entropy(out.float(), torch.arange(8) % 10).backward()
@@ -185,7 +178,7 @@ def test_runtime_conv_wgrad_resolves_to_the_kernel_where_it_runs(monkeypatch):
         resolve_runtime(RuntimeSection(device="cpu", precision="bf16", fused_bn=False, conv_wgrad="kernel"))
     calls = []
     real_apply = conv3x3_module._Conv3x3.apply
-    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: calls.append(args[3]) or real_apply(*args))
+    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: calls.append(args[-1]) or real_apply(*args))
     conv, x = nn.Conv2d(16, 16, 3, padding=1, bias=False), channels_last_bf16(2, 16, 8, 8, seed=0)
     for mode in ("kernel", "kernel-bf16", "native"):
         with resolve_runtime(RuntimeSection(device="cpu", precision="bf16", conv_wgrad=mode)).autocast():

@@ -57,15 +57,12 @@ def fused_run(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None
 
 
 @needs_kernel
-@pytest.mark.parametrize("channels, size, batch", [
-    (16, 8, 8), (32, 6, 8), (64, 4, 8), (256, 2, 8),
-    (16, 30, 7),  # 3,150 rows of 32 values: several tasks, and a last group of 16 mask rows that is not full
-])
+@pytest.mark.parametrize("channels, size", [(16, 8), (32, 6), (64, 4), (256, 2)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_outputs_and_gradients_match_float64_batch_norm_within_bf16_rounding(channels, size, batch, with_residual):
-    x = channels_last_bf16(batch, channels, size, size)
-    residual = channels_last_bf16(batch, channels, size, size, seed=1) if with_residual else None
-    grad = channels_last_bf16(batch, channels, size, size, seed=2, scale=1.0, shift=0.0)
+def test_outputs_and_gradients_match_float64_batch_norm_within_bf16_rounding(channels, size, with_residual):
+    x = channels_last_bf16(8, channels, size, size)
+    residual = channels_last_bf16(8, channels, size, size, seed=1) if with_residual else None
+    grad = channels_last_bf16(8, channels, size, size, seed=2, scale=1.0, shift=0.0)
     bn = batch_norm(channels)
     assert fused_kernel_applies(bn, x, residual)
     got = fused_run(bn, x, residual, grad)
@@ -79,25 +76,6 @@ def test_outputs_and_gradients_match_float64_batch_norm_within_bf16_rounding(cha
     torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-4)
     if with_residual:
         torch.testing.assert_close(got[4].double(), want[4])  # the masked gradient itself, exact in bf16
-
-
-@needs_kernel
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_given_sums_are_the_statistics_it_normalises_with(with_residual):
-    # the sums a convolution kernel gathers as it writes x (kernels/conv3x3.py: conv3x3_before_bn)
-    bn, x, grad = batch_norm(32), channels_last_bf16(4, 32, 6, 6, seed=1), channels_last_bf16(4, 32, 6, 6, seed=2)
-    residual = channels_last_bf16(4, 32, 6, 6, seed=3) if with_residual else None
-    sums = torch.stack([x.double().sum((0, 2, 3)), x.double().square().sum((0, 2, 3))])
-    with fused_bn_relu():
-        computed, given = bn_relu(bn, x, residual), bn_relu(bn, x, residual, sums=sums)
-        shifted = bn_relu(bn, x, residual, sums=sums + torch.tensor([[x[0].numel()], [0.0]], dtype=torch.float64))
-    assert torch.isclose(given.float(), computed.float(), rtol=BF16_ULP, atol=1e-6).float().mean() > 0.999
-    assert not torch.isclose(shifted.float(), computed.float(), rtol=BF16_ULP, atol=1e-6).all()
-    with pytest.raises(RuntimeError, match=r"sums must be a contiguous \[2, C\] float64"):
-        load_bn_relu_extension().forward(x, bn.weight, bn.bias, residual, bn.eps, sums.float())
-    # sums of another shape or dtype are not handed to the kernel: the batch norm computes its own
-    with fused_bn_relu():
-        assert torch.equal(bn_relu(bn, x, residual, sums=sums[:, :16]), computed)
 
 
 @needs_kernel
@@ -252,13 +230,3 @@ def test_the_first_build_is_announced_and_later_loads_are_not(tmp_path, monkeypa
     assert build._already_built(name)  # this process loaded it: its build directory holds it
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert not build._already_built(name)  # an empty extensions directory: the build would be announced
-
-
-@needs_kernel
-def test_mask_bits_of_another_input_are_refused():
-    bn, x = batch_norm(16), channels_last_bf16(4, 16, 8, 8)
-    with fused_bn_relu():
-        y, mean, invstd, var, mask_bits = load_bn_relu_extension().forward(x, bn.weight, bn.bias, x, bn.eps)
-    assert mask_bits.dtype == torch.int16 and mask_bits.numel() == (4 * 16 * 64 // 32 + 15) // 16 * 32
-    with pytest.raises(RuntimeError, match="mask bits do not belong to this input"):
-        load_bn_relu_extension().backward(y, x, mask_bits[:-1], bn.weight, bn.bias, mean, invstd)

@@ -39,22 +39,21 @@ def fused_kernels_enabled() -> bool:
 
 class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, sums):
-        y, mean, invstd, var, *mask_bits = load_bn_relu_extension().forward(x, weight, bias, residual, eps, sums)
-        # The backward pass needs the ReLU mask: without a residual it recomputes it from x, with one
-        # the kernel kept it as bits (one per value; y itself is not kept).
-        ctx.save_for_backward(x, mask_bits[0] if mask_bits else None, weight, bias, mean, invstd)
+    def forward(ctx, x, weight, bias, residual, eps):
+        y, mean, invstd, var = load_bn_relu_extension().forward(x, weight, bias, residual, eps)
+        # Without a residual the backward pass recomputes the ReLU mask from x: y is not kept.
+        ctx.save_for_backward(x, y if residual is not None else None, weight, bias, mean, invstd)
         ctx.has_residual = residual is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, mask_bits, weight, bias, mean, invstd = ctx.saved_tensors
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
         grad_y = grad_y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grads = load_bn_relu_extension().backward(grad_y, x, mask_bits, weight, bias, mean, invstd)
+        grads = load_bn_relu_extension().backward(grad_y, x, y, weight, bias, mean, invstd)
         grad_residual = grads[3] if ctx.has_residual else None
-        return grads[0], grads[1], grads[2], grad_residual, None, None
+        return grads[0], grads[1], grads[2], grad_residual, None
 
 
 def _same_layout(t: torch.Tensor, x: torch.Tensor) -> bool:
@@ -83,18 +82,11 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
         bn.running_var.lerp_(var * (count / max(count - 1, 1)), factor)  # the unbiased estimate, as torch keeps
 
 
-def _usable_sums(sums: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    ok = sums is not None and sums.dtype == torch.float64 and sums.shape == (2, x.shape[1]) and sums.is_contiguous()
-    return sums if ok else None
-
-
-def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
-            sums: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(bn(x) + residual), or relu(bn(x)) without a residual. `sums`: x's per-channel sums and sums
-    of squares ([2, C] float64, from `conv3x3_before_bn`), which spare the fused kernel a pass over x."""
+def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(bn(x) + residual), or relu(bn(x)) without a residual."""
     # is_compiling first: under torch.compile (and FX tracing) the native operators are what traces
     if not torch.compiler.is_compiling() and _enabled.get() and fused_kernel_applies(bn, x, residual):
-        y, mean, var = _BatchNormReLU.apply(x, bn.weight, bn.bias, residual, bn.eps, _usable_sums(sums, x))
+        y, mean, var = _BatchNormReLU.apply(x, bn.weight, bn.bias, residual, bn.eps)
         _update_running_stats(bn, mean, var, x.numel() // x.shape[1])
         return y
     out = bn(x)

@@ -46,8 +46,7 @@ inline uint16_t* bf16_data_mut(at::Tensor& t) { return reinterpret_cast<uint16_t
 constexpr int64_t kGrain = 1024;      // rows per parallel task
 constexpr int64_t kBlockRows = 128;   // rows summed in fp32 before adding into the double totals
 
-// Per-lane sums of f(i, lane, row) and h(i, lane, row) over all rows (i: the element, row * V + lane),
-// folded to channels: {sum_f[C], sum_h[C]}.
+// Per-lane sums of f(row, lane) and h(row, lane) over all rows, folded to channels: {sum_f[C], sum_h[C]}.
 template <int C, int V, typename F, typename H>
 std::vector<double> channel_sums(int64_t rows, F f, H h) {
   const int threads = at::get_num_threads();
@@ -60,8 +59,8 @@ std::vector<double> channel_sums(int64_t rows, F f, H h) {
       const int64_t end = std::min(r1, b + kBlockRows);
       for (int64_t r = b; r < end; ++r)
         for (int l = 0; l < V; ++l) {
-          sf[l] += f(r * V + l, l, r);
-          sh[l] += h(r * V + l, l, r);
+          sf[l] += f(r * V + l, l);
+          sh[l] += h(r * V + l, l);
         }
       for (int l = 0; l < V; ++l) { total_f[l] += sf[l]; total_h[l] += sh[l]; }
     }
@@ -87,34 +86,21 @@ void scale_and_shift(const at::Tensor& weight, const at::Tensor& bias, const at:
   for (int l = 0; l < V; ++l) {
     const int c = l % C;
     scale[l] = w[c] * is[c];
-    shift[l] = std::fma(-m[c], scale[l], b[c]);
+    shift[l] = b[c] - m[c] * scale[l];
   }
 }
 
-// Explicit fused multiply-adds here and in scale_and_shift, so that another kernel can recompute the ReLU
-// mask bit for bit (conv_fwd.cpp's input gradient before a BN + ReLU, from `affine` below).
-inline float normalize(uint16_t x, float scale, float shift) { return std::fma(bf16_to_float(x), scale, shift); }
-
-// x's per-channel sums and sums of squares {sum[C], sum_squares[C]}: the given ones (the convolution that
-// wrote x gathered them: kernels/conv_fwd.cpp), else from a pass over x.
-template <int C, int V>
-std::vector<double> statistics_sums(const uint16_t* xp, int64_t rows, const c10::optional<at::Tensor>& given) {
-  if (given.has_value()) {
-    const double* g = given->data_ptr<double>();
-    return std::vector<double>(g, g + 2 * C);
-  }
-  return channel_sums<C, V>(
-      rows, [&](int64_t i, int, int64_t) { return bf16_to_float(xp[i]); },
-      [&](int64_t i, int, int64_t) { const float v = bf16_to_float(xp[i]); return v * v; });
-}
+inline float normalize(uint16_t x, float scale, float shift) { return bf16_to_float(x) * scale + shift; }
 
 template <int C, bool kResidual>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                     const at::Tensor& residual, double eps, const c10::optional<at::Tensor>& given_sums) {
+                                     const at::Tensor& residual, double eps) {
   constexpr int V = C < 32 ? 32 : C;
   const int64_t rows = x.numel() / V, count = x.numel() / C;
   const uint16_t* __restrict xp = bf16_data(x);
-  const auto sums = statistics_sums<C, V>(xp, rows, given_sums);
+  const auto sums = channel_sums<C, V>(
+      rows, [&](int64_t i, int) { return bf16_to_float(xp[i]); },
+      [&](int64_t i, int) { const float v = bf16_to_float(xp[i]); return v * v; });
 
   const auto stats_options = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({C}, stats_options), invstd = at::empty({C}, stats_options);
@@ -131,26 +117,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   at::Tensor y = at::empty_like(x);
   uint16_t* __restrict yp = bf16_data_mut(y);
   const uint16_t* __restrict rp = kResidual ? bf16_data(residual) : nullptr;
-  // With a residual, the ReLU mask y > 0 is kept as bits for the backward pass (mask_bits, above).
-  at::Tensor mask = kResidual ? at::zeros({(rows + 15) / 16 * V}, x.options().dtype(at::kShort)) : at::Tensor();
-  uint16_t* __restrict mp = kResidual ? reinterpret_cast<uint16_t*>(mask.data_ptr<int16_t>()) : nullptr;
-  // Tasks take whole groups of 16 rows, so that no two threads write the same mask word.
-  at::parallel_for(0, (rows + 15) / 16, kGrain / 16, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
     float sc[V], sh[V];  // local copies: the compiler keeps them out of the aliasing analysis
     for (int l = 0; l < V; ++l) { sc[l] = scale[l]; sh[l] = shift[l]; }
-    for (int64_t r = g0 * 16; r < std::min(rows, g1 * 16); ++r) {
-      uint16_t* __restrict bits = kResidual ? mp + (r / 16) * V : nullptr;
-      const int bit = int(r % 16);
+    for (int64_t r = r0; r < r1; ++r)
       for (int l = 0; l < V; ++l) {
         float v = normalize(xp[r * V + l], sc[l], sh[l]);
         if constexpr (kResidual) v += bf16_to_float(rp[r * V + l]);
-        const uint16_t out = float_to_bf16(v > 0.f ? v : 0.f);
-        yp[r * V + l] = out;
-        if constexpr (kResidual) bits[l] |= uint16_t(uint16_t(out != 0) << bit);
+        yp[r * V + l] = float_to_bf16(v > 0.f ? v : 0.f);
       }
-    }
   });
-  if (kResidual) return {y, mean, invstd, var, mask};
   return {y, mean, invstd, var};
 }
 
@@ -158,35 +134,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
 // dx = weight * invstd * (g - sum g / n - (x - mean) * invstd^2 * sum g (x - mean) / n), dresidual = g.
 // Without a residual, y > 0 is recomputed from x (read anyway) with the forward's own arithmetic
 // (normalize, from the same scale and shift), so y is neither kept nor read: a quarter less memory
-// traffic. With one, the mask would need y (or the residual) too: the forward pass keeps it as bits
-// instead, one per value, so each of the two passes reads 1/16 of what reading y cost. Word
-// (row / 16) * V + lane holds the bits of 16 consecutive rows (bit row % 16), so a row's mask loads as
-// contiguous words shifted by one common amount: the loops vectorise as they did reading y.
-// given_sums: {sum g, sum g (x - mean)} per channel ([2, C] float64) where the kernel that wrote dy
-// gathered them (conv_fwd.cpp: input_grad_with_bn_sums), sparing the first pass.
+// traffic. With one, the mask needs y (or the residual): y is read.
 template <int C, bool kResidual>
-std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask_bits,
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
                                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
-                                      const at::Tensor& invstd, const c10::optional<at::Tensor>& given_sums) {
+                                      const at::Tensor& invstd) {
   constexpr int V = C < 32 ? 32 : C;
   const int64_t rows = x.numel() / V, count = x.numel() / C;
   const uint16_t* __restrict xp = bf16_data(x);
-  const uint16_t* __restrict mp = kResidual ? reinterpret_cast<const uint16_t*>(mask_bits.data_ptr<int16_t>()) : nullptr;
+  const uint16_t* __restrict yp = kResidual ? bf16_data(y) : nullptr;
   const uint16_t* __restrict gp = bf16_data(grad_y);
   float mu[V], scale[V], shift[V];
   scale_and_shift<C, V>(weight, bias, mean, invstd, scale, shift);
   for (int l = 0; l < V; ++l) mu[l] = mean.data_ptr<float>()[l % C];
   // The load of dy is unconditional so that the masked select vectorises.
-  auto masked_grad = [&](int64_t i, int l, int64_t r) {
+  auto masked_grad = [&](int64_t i, int l) {
     const float g = bf16_to_float(gp[i]);
-    if constexpr (kResidual) return (mp[(r / 16) * V + l] >> (r % 16)) & 1u ? g : 0.f;
+    if constexpr (kResidual) return bf16_to_float(yp[i]) > 0.f ? g : 0.f;
     else return normalize(xp[i], scale[l], shift[l]) > 0.f ? g : 0.f;
   };
-  const auto sums = given_sums.has_value()
-      ? std::vector<double>(given_sums->data_ptr<double>(), given_sums->data_ptr<double>() + 2 * C)
-      : channel_sums<C, V>(
-            rows, [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r); },
-            [&](int64_t i, int l, int64_t r) { return masked_grad(i, l, r) * (bf16_to_float(xp[i]) - mu[l]); });
+  const auto sums = channel_sums<C, V>(
+      rows, [&](int64_t i, int l) { return masked_grad(i, l); },
+      [&](int64_t i, int l) { return masked_grad(i, l) * (bf16_to_float(xp[i]) - mu[l]); });
 
   const float* w = weight.data_ptr<float>();
   const float* is = invstd.data_ptr<float>();
@@ -213,7 +182,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
     for (int64_t r = r0; r < r1; ++r)
       for (int l = 0; l < V; ++l) {
         const int64_t i = r * V + l;
-        const float g = masked_grad(i, l, r);
+        const float g = masked_grad(i, l);
         dxp[i] = float_to_bf16(a[l] * g + bc[l] * (bf16_to_float(xp[i]) - m[l]) + k[l]);
         if constexpr (kResidual) drp[i] = float_to_bf16(g);
       }
@@ -225,75 +194,38 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_y, const at::Tensor
 #define RESNETLAB_FOR_EACH_WIDTH(MACRO) \
   MACRO(16) MACRO(32) MACRO(64) MACRO(128) MACRO(256) MACRO(512) MACRO(1024) MACRO(2048)
 
-void check_sums(const c10::optional<at::Tensor>& sums, const at::Tensor& x) {
-  TORCH_CHECK(!sums.has_value() || (sums->scalar_type() == at::kDouble && sums->is_contiguous() &&
-                                    sums->dim() == 2 && sums->size(0) == 2 && sums->size(1) == x.size(1)),
-              "bn_relu: the sums must be a contiguous [2, C] float64 tensor");
-}
-
-// sums: x's per-channel sums and sums of squares, [2, C] float64, where the caller has them.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                const c10::optional<at::Tensor>& residual, double eps,
-                                const c10::optional<at::Tensor>& sums) {
-  check_sums(sums, x);
+                                const c10::optional<at::Tensor>& residual, double eps) {
   const bool has_residual = residual.has_value();
   const at::Tensor r = has_residual ? *residual : at::Tensor();
   switch (x.size(1)) {
 #define CASE(C) \
-  case C: return has_residual ? forward_impl<C, true>(x, weight, bias, r, eps, sums) \
-                              : forward_impl<C, false>(x, weight, bias, r, eps, sums);
+  case C: return has_residual ? forward_impl<C, true>(x, weight, bias, r, eps) : forward_impl<C, false>(x, weight, bias, r, eps);
     RESNETLAB_FOR_EACH_WIDTH(CASE)
 #undef CASE
     default: TORCH_CHECK(false, "bn_relu: unsupported channel count ", x.size(1));
   }
 }
 
-// mask_bits: the forward's last output where there was a residual; none without one.
-std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x,
-                                 const c10::optional<at::Tensor>& mask_bits, const at::Tensor& weight,
-                                 const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
-                                 const c10::optional<at::Tensor>& sums) {
-  check_sums(sums, x);
-  const bool has_residual = mask_bits.has_value();
-  const at::Tensor out = has_residual ? *mask_bits : at::Tensor();
-  TORCH_CHECK(!has_residual || (out.scalar_type() == at::kShort && out.numel() == (x.numel() / std::max<int64_t>(
-                                    x.size(1), 32) + 15) / 16 * std::max<int64_t>(x.size(1), 32)),
-              "bn_relu: the mask bits do not belong to this input");
+// y: the forward's output where there was a residual, else unused (an undefined tensor will do).
+std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                                 const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+                                 const at::Tensor& invstd) {
+  const bool has_residual = y.has_value();
+  const at::Tensor out = has_residual ? *y : at::Tensor();
   switch (x.size(1)) {
 #define CASE(C)                                                                                 \
-  case C: return has_residual ? backward_impl<C, true>(grad_y, x, out, weight, bias, mean, invstd, sums) \
-                              : backward_impl<C, false>(grad_y, x, out, weight, bias, mean, invstd, sums);
+  case C: return has_residual ? backward_impl<C, true>(grad_y, x, out, weight, bias, mean, invstd) \
+                              : backward_impl<C, false>(grad_y, x, out, weight, bias, mean, invstd);
     RESNETLAB_FOR_EACH_WIDTH(CASE)
 #undef CASE
     default: TORCH_CHECK(false, "bn_relu: unsupported channel count ", x.size(1));
   }
-}
-
-// The per-channel scale and shift of bn(x) = x * scale + shift, float32 [C] each, exactly as the kernels
-// compute them: for a kernel elsewhere that recomputes the ReLU mask as fma(x, scale, shift) > 0.
-std::vector<at::Tensor> affine(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
-                               const at::Tensor& invstd) {
-  const int64_t channels = weight.numel();
-  at::Tensor scale = at::empty({channels}, weight.options()), shift = at::empty({channels}, weight.options());
-  switch (channels) {
-#define CASE(C) \
-  case C: { float sc[C < 32 ? 32 : C], sh[C < 32 ? 32 : C]; \
-            scale_and_shift<C, (C < 32 ? 32 : C)>(weight, bias, mean, invstd, sc, sh); \
-            std::memcpy(scale.data_ptr<float>(), sc, C * 4); std::memcpy(shift.data_ptr<float>(), sh, C * 4); break; }
-    RESNETLAB_FOR_EACH_WIDTH(CASE)
-#undef CASE
-    default: TORCH_CHECK(false, "bn_relu: unsupported channel count ", channels);
-  }
-  return {scale, shift};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "y, mean, invstd, biased var [, ReLU mask bits] = relu(batch_norm(x) [+ residual])", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"), py::arg("sums") = py::none());
-  m.def("backward", &backward, "grad x, grad weight, grad bias [, grad residual]", py::arg("grad_y"), py::arg("x"),
-        py::arg("mask_bits"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("invstd"),
-        py::arg("sums") = py::none());
-  m.def("affine", &affine, "the per-channel scale and shift of bn(x) = x * scale + shift, as the kernels compute them");
+  m.def("forward", &forward, "y, mean, invstd, biased var = relu(batch_norm(x) [+ residual])");
+  m.def("backward", &backward, "grad x, grad weight, grad bias [, grad residual]");
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,59 +47,23 @@ def conv_weight_grad(mode: str):
         _wgrad_mode.reset(token)
 
 
-def _bf16_channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-
-
-def weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, weight_bf16: torch.Tensor, stride: int, mode: str) -> torch.Tensor:
-    """The fp32 weight gradient of a 3x3 convolution from bf16 channels_last `grad_out` and input `x`,
-    from resnetlab's kernel or oneDNN's as `mode` says (WGRAD_MODES)."""
-    if mode == "native":
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
-        return grad_weight.float()  # as autocast's cast passes it on
-    grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, stride)
-    return grad_weight.to(torch.bfloat16).float() if mode == "kernel-bf16" else grad_weight
-
-
 class _Conv3x3(torch.autograd.Function):
-    """conv(x); with `with_sums` also the per-channel sums of the output and of their squares (the
-    statistics of the batch norm that follows, gathered by the forward kernel as it writes the output:
-    no gradient flows through them, the batch norm's backward pass accounts for its statistics); with
-    `share_input` also x again (a view), whose gradient is added to the input gradient inside the
-    kernel's last step."""
-
     @staticmethod
-    def forward(ctx, x, weight, stride, wgrad_mode, share_input, with_sums):
+    def forward(ctx, x, weight, stride, wgrad_mode):
         weight_bf16 = weight.to(torch.bfloat16)  # what autocast would hand the native convolution
         ctx.save_for_backward(x, weight_bf16)
-        ctx.stride, ctx.wgrad_mode, ctx.with_sums = stride, wgrad_mode, with_sums
+        ctx.stride, ctx.wgrad_mode = stride, wgrad_mode
         kernel = load_conv_fwd_extension() if FORWARD_KERNEL else None
         ctx.forward_kernel = kernel is not None
-        if with_sums:  # only asked for where the forward kernel runs (conv3x3_before_bn)
-            y, sums = kernel.convolution_with_sums(x, weight_bf16, stride)
-        elif kernel is not None:
-            y = kernel.convolution(x, weight_bf16, stride, False)
-        else:
-            y = torch.ops.aten.convolution(x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
-        outputs = (y,)
-        if with_sums:
-            ctx.mark_non_differentiable(sums)
-            outputs += (sums,)
-        if share_input:
-            outputs += (x.view_as(x),)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None instead of a tensor of zeros
-        return outputs[0] if len(outputs) == 1 else outputs
+        if kernel is not None:
+            return kernel.convolution(x, weight_bf16, stride, False)
+        return torch.ops.aten.convolution(x, weight_bf16, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
 
     @staticmethod
-    def backward(ctx, grad_out, *more_grads):
+    def backward(ctx, grad_out):
         x, weight_bf16 = ctx.saved_tensors
         s = ctx.stride
-        grad_shared = more_grads[-1] if len(more_grads) > int(ctx.with_sums) else None
-        if grad_out is None:  # only the shared input was used
-            return grad_shared, None, None, None, None, None
-        grad_out = _bf16_channels_last(grad_out)
-        addend = _bf16_channels_last(grad_shared) if grad_shared is not None and ctx.needs_input_grad[0] else None
+        grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         grad_x_by_kernel = ctx.needs_input_grad[0] and ctx.forward_kernel
         grad_w_by_kernel = ctx.needs_input_grad[1] and ctx.wgrad_mode != "native"
         onednn_mask = [ctx.needs_input_grad[0] and not grad_x_by_kernel, ctx.needs_input_grad[1] and not grad_w_by_kernel]
@@ -110,16 +73,14 @@ class _Conv3x3(torch.autograd.Function):
                 grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [*onednn_mask, False])
             grad_weight = grad_weight.float() if grad_weight is not None else None  # as autocast's cast passes it on
         if grad_x_by_kernel and s == 1:
-            grad_x = load_conv_fwd_extension().convolution(grad_out, weight_bf16, 1, True, addend)
+            grad_x = load_conv_fwd_extension().convolution(grad_out, weight_bf16, 1, True)
         elif grad_x_by_kernel:
-            grad_x = load_conv_fwd_extension().input_grad_stride2(grad_out, weight_bf16, x.shape[2], x.shape[3], addend)
-        elif addend is not None:
-            grad_x = grad_x + addend
+            grad_x = load_conv_fwd_extension().input_grad_stride2(grad_out, weight_bf16, x.shape[2], x.shape[3])
         if grad_w_by_kernel:
             grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
             if ctx.wgrad_mode == "kernel-bf16":
                 grad_weight = grad_weight.to(torch.bfloat16).float()
-        return grad_x, grad_weight, None, None, None, None
+        return grad_x, grad_weight, None, None
 
 
 def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -134,36 +95,8 @@ def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and load_conv_wgrad_extension() is not None)
 
 
-def kernels_apply(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv3x3_train(conv, x)` runs resnetlab's kernels here and now."""
-    return not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x)
-
-
 def conv3x3_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x), with resnetlab's kernels where they apply."""
-    if kernels_apply(conv, x):
-        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get(), False, False)
+    if not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x):
+        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get())
     return conv(x)
-
-
-class ConvBeforeBatchNorm(NamedTuple):
-    out: torch.Tensor  # conv(x)
-    sums: torch.Tensor | None  # [2, C] float64: per-channel sums of out and of its squares; None: not gathered
-    input: torch.Tensor  # x again, for the block's shortcut (see conv3x3_before_bn)
-
-
-def conv3x3_before_bn(conv: nn.Conv2d, x: torch.Tensor, share_input: bool = False) -> ConvBeforeBatchNorm:
-    """conv(x) for a `bn_relu` that follows (pass it `sums`), with resnetlab's kernels where they apply.
-
-    Where they do, the forward kernel gathers the batch norm's statistics as it writes the output, so the
-    batch norm reads its input once instead of twice; and with `share_input` the gradient reaching
-    `.input` (use it for the block's shortcut) is added to the input gradient by the convolution's
-    kernel as it writes it (a read of one tensor), not by autograd afterwards (two reads and a write).
-    Elsewhere: (conv(x), None, x)."""
-    if not kernels_apply(conv, x):
-        return ConvBeforeBatchNorm(conv(x), None, x)
-    with_sums = FORWARD_KERNEL and load_conv_fwd_extension() is not None
-    outputs = _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get(), share_input, with_sums)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    sums = outputs[1] if with_sums else None
-    return ConvBeforeBatchNorm(outputs[0], sums, outputs[-1] if share_input else x)

@@ -53,75 +53,13 @@ inline void multiply_add_tap(__m512 (&acc)[OB][P], const __m512i* wk, const uint
   }
 }
 
-inline __m512 bf16x16_to_ps(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
-
-inline __m512 load_bf16x16(const uint16_t* p) {
-  return bf16x16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// Work done on the fp32 sums as they are written (store_bf16), where it saves a later pass over memory.
-//  add:  a bf16 tensor laid out as the output, added before the one rounding. The input gradient of a
-//        block's first convolution takes the shortcut's gradient this way, instead of autograd adding two
-//        bf16 tensors afterwards (a read of one tensor instead of two reads and a write; one rounding less).
-//  sums: per-channel sums of the rounded output, and at sums + squares the sums of its squares: the batch
-//        norm that follows then needs no pass of its own over the output for its statistics.
-//  bn_x: where the output is the gradient dy of relu(bn(bn_x)) (bf16, laid out as the output), `sums`
-//        gathers instead the two sums that batch norm's backward pass needs, sum g and sum g (bn_x - mean)
-//        with g = dy where fma(bn_x, scale, shift) > 0 (the forward's ReLU mask, recomputed bit for bit
-//        from the per-channel scale and shift of bn_relu.cpp's `affine`): that pass then reads dy and x
-//        once instead of twice, and this read of bn_x overlaps the convolution's arithmetic.
-struct Epilogue {
-  const uint16_t* add = nullptr;
-  float* sums = nullptr;
-  int64_t squares = 0;
-  const uint16_t* bn_x = nullptr;
-  const float* scale = nullptr;  // per channel, from the block's first channel on (as sums)
-  const float* shift = nullptr;
-  const float* mean = nullptr;
-
-  // The epilogue of the output block k values further on, whose first channel is c.
-  Epilogue at(int64_t k, int64_t c) const {
-    return {add == nullptr ? nullptr : add + k, sums == nullptr ? nullptr : sums + c, squares,
-            bn_x == nullptr ? nullptr : bn_x + k, scale == nullptr ? nullptr : scale + c,
-            shift == nullptr ? nullptr : shift + c, mean == nullptr ? nullptr : mean + c};
-  }
-};
-
-// acc as bf16 (round to nearest even, as oneDNN rounds) to P pixels PIXEL_STEP values apart, with the
-// epilogue's work.
+// acc as bf16 (round to nearest even, as oneDNN rounds) to P pixels PIXEL_STEP values apart.
 template <int P, int OB>
-inline void store_bf16(const __m512 (&acc)[OB][P], uint16_t* out, int64_t pixel_step, const Epilogue& e) {
-  for (int b = 0; b < OB; ++b) {
-    __m512 sum = _mm512_setzero_ps(), squares = _mm512_setzero_ps();
-    __m512 scale = sum, shift = sum, mean = sum;
-    if (e.bn_x != nullptr) {
-      scale = _mm512_loadu_ps(e.scale + b * 16);
-      shift = _mm512_loadu_ps(e.shift + b * 16);
-      mean = _mm512_loadu_ps(e.mean + b * 16);
-    }
-    for (int p = 0; p < P; ++p) {
-      __m512 v = acc[b][p];
-      if (e.add != nullptr) v = _mm512_add_ps(v, load_bf16x16(e.add + p * pixel_step + b * 16));
-      const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(v);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * pixel_step + b * 16), rounded);
-      if (e.bn_x != nullptr) {  // the batch norm's backward sums (see Epilogue)
-        const __m512 x = load_bf16x16(e.bn_x + p * pixel_step + b * 16);
-        const __mmask16 kept = _mm512_cmp_ps_mask(_mm512_fmadd_ps(x, scale, shift), _mm512_setzero_ps(), _CMP_GT_OQ);
-        const __m512 g = _mm512_maskz_mov_ps(kept, bf16x16_to_ps(rounded));
-        sum = _mm512_add_ps(sum, g);
-        squares = _mm512_fmadd_ps(g, _mm512_sub_ps(x, mean), squares);
-      } else if (e.sums != nullptr) {
-        const __m512 r = bf16x16_to_ps(rounded);
-        sum = _mm512_add_ps(sum, r);
-        squares = _mm512_fmadd_ps(r, r, squares);
-      }
-    }
-    if (e.sums != nullptr) {
-      float* s = e.sums + b * 16;
-      _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), sum));
-      _mm512_storeu_ps(s + e.squares, _mm512_add_ps(_mm512_loadu_ps(s + e.squares), squares));
-    }
-  }
+inline void store_bf16(const __m512 (&acc)[OB][P], uint16_t* out, int64_t pixel_step) {
+  for (int b = 0; b < OB; ++b)
+    for (int p = 0; p < P; ++p)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * pixel_step + b * 16),
+                          (__m256i)_mm512_cvtneps_pbh(acc[b][p]));
 }
 
 // P output pixels (wo0 .. wo0+P-1 of row ho) x OB blocks of 16 output channels; CI input channels,
@@ -130,7 +68,7 @@ inline void store_bf16(const __m512 (&acc)[OB][P], uint16_t* out, int64_t pixel_
 // pixel or right of the last reads zeros instead (only the block's first and last pixels can).
 template <int P, int OB, int CI, int S>
 inline void pixel_block(const uint32_t* image, const __m512i* weights, const Shape& s, int64_t ho, int64_t wo0,
-                        uint16_t* out, const Epilogue& e) {
+                        uint16_t* out) {
   constexpr int CI2 = CI / 2;
   __m512 acc[OB][P];
   for (int b = 0; b < OB; ++b)
@@ -144,65 +82,51 @@ inline void pixel_block(const uint32_t* image, const __m512i* weights, const Sha
     const uint32_t* last = right_out ? kZeros : row + (P - 1) * S * CI2;
     multiply_add_tap<P, OB, CI2, S * CI2>(acc, weights + k * CI2, row, first, last);
   }
-  store_bf16<P, OB>(acc, out, s.co, e);
+  store_bf16<P, OB>(acc, out, s.co);
 }
 
 // One row of output pixels for OB output-channel blocks starting at weights/out.
 template <int OB, int CI, int S>
-void convolve_row(const uint32_t* image, const __m512i* weights, const Shape& s, int64_t ho, uint16_t* out,
-                  const Epilogue& e) {
+void convolve_row(const uint32_t* image, const __m512i* weights, const Shape& s, int64_t ho, uint16_t* out) {
   int64_t wo = 0;
   if (OB == 1)  // OB x 16 accumulators + OB weights + 1 input: within the 32 registers
-    for (; wo + 16 <= s.wo; wo += 16)
-      pixel_block<16, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co, e.at(wo * s.co, 0));
-  for (; wo + 8 <= s.wo; wo += 8) pixel_block<8, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co, e.at(wo * s.co, 0));
-  for (; wo + 4 <= s.wo; wo += 4) pixel_block<4, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co, e.at(wo * s.co, 0));
-  for (; wo < s.wo; ++wo) pixel_block<1, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co, e.at(wo * s.co, 0));
+    for (; wo + 16 <= s.wo; wo += 16) pixel_block<16, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co);
+  for (; wo + 8 <= s.wo; wo += 8) pixel_block<8, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co);
+  for (; wo + 4 <= s.wo; wo += 4) pixel_block<4, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co);
+  for (; wo < s.wo; ++wo) pixel_block<1, OB, CI, S>(image, weights, s, ho, wo, out + wo * s.co);
 }
 
 // Rows of 16 or more pixels: blocks of 16 pixels x 16 channels. Narrower rows (the 8x8 maps): blocks
 // of 8 pixels x 32 channels, so that each broadcast input pair still feeds 16 multiply-adds
 // (measured on the Zen 4: 0.66 against 0.94 ms for a 32->64 stride-2 layer at batch 128).
 template <int CI, int S>
-void convolve_rows(const uint32_t* image, const __m512i* weights, const Shape& s, uint16_t* y, const Epilogue& e,
-                   double* totals) {
+void convolve_rows(const uint32_t* image, const __m512i* weights, const Shape& s, uint16_t* y) {
   const int64_t per_block = 9 * CI / 2;
   const bool pairs = s.wo < 16;
   for (int64_t ho = 0; ho < s.ho; ++ho) {
-    const int64_t row = ho * s.wo * s.co;
+    uint16_t* out = y + ho * s.wo * s.co;
     int64_t ob = 0;
     if (pairs)
-      for (; ob + 2 <= s.co / 16; ob += 2)
-        convolve_row<2, CI, S>(image, weights + ob * per_block, s, ho, y + row + ob * 16, e.at(row + ob * 16, ob * 16));
-    for (; ob < s.co / 16; ++ob)
-      convolve_row<1, CI, S>(image, weights + ob * per_block, s, ho, y + row + ob * 16, e.at(row + ob * 16, ob * 16));
-    if (totals != nullptr)  // fp32 sums over one row only, then double: no precision lost over a 32x32 map
-      for (int64_t c = 0; c < s.co; ++c) {
-        totals[c] += e.sums[c];
-        totals[s.co + c] += e.sums[e.squares + c];
-        e.sums[c] = e.sums[e.squares + c] = 0.f;
-      }
+      for (; ob + 2 <= s.co / 16; ob += 2) convolve_row<2, CI, S>(image, weights + ob * per_block, s, ho, out + ob * 16);
+    for (; ob < s.co / 16; ++ob) convolve_row<1, CI, S>(image, weights + ob * per_block, s, ho, out + ob * 16);
   }
 }
 
 template <int CI>
-void convolve_rows(const uint32_t* image, const __m512i* weights, const Shape& s, uint16_t* y, const Epilogue& e,
-                   double* totals) {
+void convolve_rows(const uint32_t* image, const __m512i* weights, const Shape& s, uint16_t* y) {
   if (s.stride == 1)
-    convolve_rows<CI, 1>(image, weights, s, y, e, totals);
+    convolve_rows<CI, 1>(image, weights, s, y);
   else
-    convolve_rows<CI, 2>(image, weights, s, y, e, totals);
+    convolve_rows<CI, 2>(image, weights, s, y);
 }
 
-// totals: where the epilogue sums the output, the double per-channel totals [2][co] they are added to.
-void convolve_image(const uint16_t* x, const __m512i* weights, const Shape& s, uint16_t* y, const Epilogue& e,
-                    double* totals) {
+void convolve_image(const uint16_t* x, const __m512i* weights, const Shape& s, uint16_t* y) {
   const auto* image = reinterpret_cast<const uint32_t*>(x);
   switch (s.ci) {
-    case 16: return convolve_rows<16>(image, weights, s, y, e, totals);
-    case 32: return convolve_rows<32>(image, weights, s, y, e, totals);
-    case 48: return convolve_rows<48>(image, weights, s, y, e, totals);
-    case 64: return convolve_rows<64>(image, weights, s, y, e, totals);
+    case 16: return convolve_rows<16>(image, weights, s, y);
+    case 32: return convolve_rows<32>(image, weights, s, y);
+    case 48: return convolve_rows<48>(image, weights, s, y);
+    case 64: return convolve_rows<64>(image, weights, s, y);
   }
 }
 
@@ -244,7 +168,7 @@ struct Tap {
 // weights: w packed transposed (pack_weights(w, true)), whose tap t is w's tap 8 - t.
 template <int P, int OB, int CR>
 inline void stride2_block(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, int64_t a, int64_t j0,
-                          const Tap* taps, int tap_count, uint16_t* out, const Epilogue& e) {
+                          const Tap* taps, int tap_count, uint16_t* out) {
   constexpr int CR2 = CR / 2;
   __m512 acc[OB][P];
   for (int b = 0; b < OB; ++b)
@@ -258,26 +182,23 @@ inline void stride2_block(const uint32_t* dy, const __m512i* weights, const Stri
     const uint32_t* last = right_out ? kZeros : row + (P - 1) * CR2;
     multiply_add_tap<P, OB, CR2, CR2>(acc, weights + (8 - taps[t].k) * CR2, row, first, last);
   }
-  store_bf16<P, OB>(acc, out, 2 * s.ci, e);
+  store_bf16<P, OB>(acc, out, 2 * s.ci);
 }
 
 template <int OB, int CR>
 void stride2_row(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, int64_t ih, int parity,
-                 const Tap* taps, int tap_count, uint16_t* out, const Epilogue& e) {
+                 const Tap* taps, int tap_count, uint16_t* out) {
   const int64_t count = (s.w - parity + 1) / 2;  // dx columns 2 j + parity
   int64_t j = 0;
-#define RESNETLAB_BLOCK(P) \
-  stride2_block<P, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci, e.at(2 * j * s.ci, 0))
   if (OB == 1)
-    for (; j + 16 <= count; j += 16) RESNETLAB_BLOCK(16);
-  for (; j + 8 <= count; j += 8) RESNETLAB_BLOCK(8);
-  for (; j + 4 <= count; j += 4) RESNETLAB_BLOCK(4);
-  for (; j < count; ++j) RESNETLAB_BLOCK(1);
-#undef RESNETLAB_BLOCK
+    for (; j + 16 <= count; j += 16) stride2_block<16, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j + 8 <= count; j += 8) stride2_block<8, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j + 4 <= count; j += 4) stride2_block<4, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
+  for (; j < count; ++j) stride2_block<1, OB, CR>(dy, weights, s, ih / 2, j, taps, tap_count, out + 2 * j * s.ci);
 }
 
 template <int CR>
-void stride2_image(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, uint16_t* dx, const Epilogue& e) {
+void stride2_image(const uint32_t* dy, const __m512i* weights, const Stride2Shape& s, uint16_t* dx) {
   const int64_t per_block = 9 * CR / 2;
   const bool pairs = (s.w + 1) / 2 < 16;  // as in convolve_rows: 8 pixels x 32 channels on narrow rows
   for (int64_t ih = 0; ih < s.h; ++ih)
@@ -292,40 +213,21 @@ void stride2_image(const uint32_t* dy, const __m512i* weights, const Stride2Shap
           taps[tap_count++] = Tap{kh == 0 ? 1 : 0, kw == 0 ? 1 : 0, kh * 3 + kw};
         }
       }
-      const int64_t first = (ih * s.w + parity) * s.ci;
+      uint16_t* out = dx + (ih * s.w + parity) * s.ci;
       int64_t ob = 0;
       if (pairs)
         for (; ob + 2 <= s.ci / 16; ob += 2)
-          stride2_row<2, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, dx + first + ob * 16,
-                             e.at(first + ob * 16, 0));
+          stride2_row<2, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, out + ob * 16);
       for (; ob < s.ci / 16; ++ob)
-        stride2_row<1, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, dx + first + ob * 16,
-                           e.at(first + ob * 16, 0));
+        stride2_row<1, CR>(dy, weights + ob * per_block, s, ih, parity, taps, tap_count, out + ob * 16);
     }
 }
 
-// The addend's data, after checking that it has the output's shape and layout; null without one.
-const uint16_t* addend_data(const c10::optional<torch::Tensor>& addend, const torch::Tensor& out) {
-  if (!addend.has_value()) return nullptr;
-  TORCH_CHECK(addend->scalar_type() == at::kBFloat16 && addend->is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  addend->sizes() == out.sizes(),
-              "the addend must be a bf16 channels_last tensor of the output's shape");
-  return reinterpret_cast<const uint16_t*>(addend->data_ptr());
-}
+}  // namespace
 
-// The batch norm whose backward sums the input gradient's epilogue gathers (Epilogue: bn_x).
-struct BatchNormInput {
-  const uint16_t* x = nullptr;
-  const float* scale = nullptr;
-  const float* shift = nullptr;
-  const float* mean = nullptr;
-};
-
-// y, and with `with_sums` the per-channel sums of y and of its squares [2, Co] (float64), or with a
-// batch norm those of its backward pass (Epilogue).
-std::vector<torch::Tensor> convolve(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride, bool transpose,
-                                    const c10::optional<torch::Tensor>& addend, bool with_sums,
-                                    const BatchNormInput& bn = {}) {
+// x [N, Ci, H, W] bf16 channels_last, w [Co, Ci, 3, 3]; returns y [N, Co, Ho, Wo] bf16 channels_last.
+// transpose=true (stride 1 only): w is read as w^T with flipped taps, so y has w.size(1) channels.
+torch::Tensor convolution(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride, bool transpose) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "a bf16 channels_last input expected");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "3x3 weights expected");
@@ -339,67 +241,16 @@ std::vector<torch::Tensor> convolve(const torch::Tensor& x, const torch::Tensor&
   auto y = torch::empty({x.size(0), co, s.ho, s.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const uint16_t* add = addend_data(addend, y);
-  const int threads = at::get_num_threads();
-  std::vector<double> totals(with_sums ? size_t(threads) * 2 * co : 0, 0.0);  // per thread: no sharing
   at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row_sums(with_sums ? 2 * co : 0, 0.f);
-    double* thread_totals = with_sums ? &totals[size_t(at::get_thread_num()) * 2 * co] : nullptr;
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t out = n * s.ho * s.wo * s.co;
-      const Epilogue e{add == nullptr ? nullptr : add + out, with_sums ? row_sums.data() : nullptr, co,
-                       bn.x == nullptr ? nullptr : bn.x + out, bn.scale, bn.shift, bn.mean};
-      convolve_image(xp + n * s.h * s.w * s.ci, packed.data(), s, yp + out, e, thread_totals);
-    }
+    for (int64_t n = begin; n < end; ++n)
+      convolve_image(xp + n * s.h * s.w * s.ci, packed.data(), s, yp + n * s.ho * s.wo * s.co);
   });
-  if (!with_sums) return {y};
-  auto sums = torch::zeros({2, co}, x.options().dtype(at::kDouble));
-  double* sp = sums.data_ptr<double>();
-  for (int t = 0; t < threads; ++t)
-    for (int64_t c = 0; c < 2 * co; ++c) sp[c] += totals[size_t(t) * 2 * co + c];
-  return {y, sums};
-}
-
-}  // namespace
-
-// x [N, Ci, H, W] bf16 channels_last, w [Co, Ci, 3, 3]; returns y [N, Co, Ho, Wo] bf16 channels_last.
-// transpose=true (stride 1 only): w is read as w^T with flipped taps, so y has w.size(1) channels.
-// With an addend (bf16 channels_last, y's shape) the result is y + addend, rounded once.
-torch::Tensor convolution(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride, bool transpose,
-                          const c10::optional<torch::Tensor>& addend) {
-  return convolve(x, weight, stride, transpose, addend, false)[0];
-}
-
-// The forward convolution (as above, without transpose or addend) and, for the batch norm that follows,
-// the per-channel sums of its output and of their squares, [2, Co] float64, gathered as the output is
-// written: (y, sums).
-std::vector<torch::Tensor> convolution_with_sums(const torch::Tensor& x, const torch::Tensor& weight, int64_t stride) {
-  return convolve(x, weight, stride, false, c10::nullopt, true);
-}
-
-// The input gradient dy of a stride-1 convolution (as convolution(grad_out, weight, 1, true)) whose input
-// was relu(bn(bn_x)), and the two sums of that batch norm's backward pass, [2, C] float64: sum g and
-// sum g (bn_x - mean), g = dy where fma(bn_x, scale, shift) > 0 (scale, shift: bn_relu's `affine`).
-std::vector<torch::Tensor> input_grad_with_bn_sums(const torch::Tensor& grad_out, const torch::Tensor& weight,
-                                                   const torch::Tensor& bn_x, const torch::Tensor& scale,
-                                                   const torch::Tensor& shift, const torch::Tensor& mean) {
-  const int64_t c = weight.size(1);
-  TORCH_CHECK(bn_x.scalar_type() == at::kBFloat16 && bn_x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  bn_x.dim() == 4 && bn_x.size(0) == grad_out.size(0) && bn_x.size(1) == c &&
-                  bn_x.size(2) == grad_out.size(2) && bn_x.size(3) == grad_out.size(3),
-              "bn_x must be a bf16 channels_last tensor of the input gradient's shape");
-  for (const auto* t : {&scale, &shift, &mean})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == c,
-                "scale, shift and mean must be contiguous float32 tensors of one value per channel");
-  const BatchNormInput bn{reinterpret_cast<const uint16_t*>(bn_x.data_ptr()), scale.data_ptr<float>(),
-                          shift.data_ptr<float>(), mean.data_ptr<float>()};
-  return convolve(grad_out, weight, 1, true, c10::nullopt, true, bn);
+  return y;
 }
 
 // dy [N, Co, Ho, Wo] bf16 channels_last, w [Co, Ci, 3, 3]; returns the input gradient dx [N, Ci, h, w] of a
-// stride-2, padding-1 convolution whose input was h x w, bf16 channels_last (plus the addend, as above).
-torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& weight, int64_t h, int64_t w,
-                                 const c10::optional<torch::Tensor>& addend) {
+// stride-2, padding-1 convolution whose input was h x w, bf16 channels_last.
+torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& weight, int64_t h, int64_t w) {
   TORCH_CHECK(dy.scalar_type() == at::kBFloat16 && dy.is_contiguous(at::MemoryFormat::ChannelsLast),
               "a bf16 channels_last gradient expected");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3, "3x3 weights expected");
@@ -412,17 +263,15 @@ torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& w
   auto dx = torch::empty({dy.size(0), s.ci, h, w}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const auto* dyp = reinterpret_cast<const uint32_t*>(dy.data_ptr());
   auto* dxp = reinterpret_cast<uint16_t*>(dx.data_ptr());
-  const uint16_t* add = addend_data(addend, dx);
   at::parallel_for(0, dy.size(0), 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint32_t* image = dyp + n * s.ho * s.wo * s.co / 2;
       uint16_t* out = dxp + n * h * w * s.ci;
-      const Epilogue image_add{add == nullptr ? nullptr : add + n * h * w * s.ci};
       switch (s.co) {
-        case 16: stride2_image<16>(image, packed.data(), s, out, image_add); break;
-        case 32: stride2_image<32>(image, packed.data(), s, out, image_add); break;
-        case 48: stride2_image<48>(image, packed.data(), s, out, image_add); break;
-        case 64: stride2_image<64>(image, packed.data(), s, out, image_add); break;
+        case 16: stride2_image<16>(image, packed.data(), s, out); break;
+        case 32: stride2_image<32>(image, packed.data(), s, out); break;
+        case 48: stride2_image<48>(image, packed.data(), s, out); break;
+        case 64: stride2_image<64>(image, packed.data(), s, out); break;
       }
     }
   });
@@ -430,12 +279,6 @@ torch::Tensor input_grad_stride2(const torch::Tensor& dy, const torch::Tensor& w
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("convolution", &convolution, "3x3, padding-1 convolution of a bf16 channels_last tensor (fp32 accumulation)",
-        py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("transpose"), py::arg("addend") = py::none());
-  m.def("input_grad_with_bn_sums", &input_grad_with_bn_sums,
-        "the stride-1 input gradient and the backward sums of the batch norm + ReLU before the convolution");
-  m.def("convolution_with_sums", &convolution_with_sums,
-        "the forward convolution and the per-channel sums of its output and of their squares, [2, Co] float64");
-  m.def("input_grad_stride2", &input_grad_stride2, "input gradient of a 3x3, padding-1, stride-2 convolution",
-        py::arg("dy"), py::arg("weight"), py::arg("h"), py::arg("w"), py::arg("addend") = py::none());
+  m.def("convolution", &convolution, "3x3, padding-1 convolution of a bf16 channels_last tensor (fp32 accumulation)");
+  m.def("input_grad_stride2", &input_grad_stride2, "input gradient of a 3x3, padding-1, stride-2 convolution");
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resnetlab.kernels import bn_relu, bn_relu_conv3x3, conv3x3_before_bn
+from resnetlab.kernels import bn_relu, conv3x3_train
 from resnetlab.models.layers import conv1x1, conv3x3
 
 POST_ACTIVATION_VARIANTS = ("reference", "no_relu", "bn_after_add", "bn_after_add_no_relu")
@@ -37,16 +37,14 @@ class _PostActivationBlock(nn.Module):
         self.bn_after_add = variant.startswith("bn_after_add")
         self.relu_after_add = not variant.endswith("no_relu")
 
-    def _merge(self, branch: torch.Tensor, x: torch.Tensor, last_bn: nn.BatchNorm2d,
-               branch_sums: torch.Tensor | None = None) -> torch.Tensor:
-        """`branch_sums`: the branch's per-channel sums from `conv3x3_before_bn`, if any."""
+    def _merge(self, branch: torch.Tensor, x: torch.Tensor, last_bn: nn.BatchNorm2d) -> torch.Tensor:
         shortcut = None
         if self.residual:
             shortcut = x if self.downsample is None else self.downsample(x)
             if self.bn_after_add:
-                branch, shortcut, branch_sums = branch + shortcut, None, None  # the BN sees another tensor
+                branch, shortcut = branch + shortcut, None
         if self.relu_after_add:
-            return bn_relu(last_bn, branch, shortcut, branch_sums)  # relu(bn(branch) [+ shortcut])
+            return bn_relu(last_bn, branch, shortcut)  # relu(bn(branch) [+ shortcut])
         out = last_bn(branch)
         return out if shortcut is None else out + shortcut
 
@@ -77,10 +75,8 @@ class BasicBlock(_PostActivationBlock):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x feeds conv1 and the shortcut: taken from conv1, conv1's kernel adds the two gradients
-        first = conv3x3_before_bn(self.conv1, x, share_input=self.residual)
-        second = bn_relu_conv3x3(self.bn1, self.conv2, first.out, first.sums)
-        return self._merge(second.out, first.input, self.bn2, second.sums)
+        out = bn_relu(self.bn1, conv3x3_train(self.conv1, x))
+        return self._merge(conv3x3_train(self.conv2, out), x, self.bn2)
 
     def zero_init_last(self) -> None:
         self._zero_init(self.conv2, self.bn2)
@@ -108,8 +104,7 @@ class Bottleneck(_PostActivationBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bn_relu(self.bn1, self.conv1(x))
-        middle = conv3x3_before_bn(self.conv2, out)
-        out = bn_relu(self.bn2, middle.out, sums=middle.sums)
+        out = bn_relu(self.bn2, conv3x3_train(self.conv2, out))
         return self._merge(self.conv3(out), x, self.bn3)
 
     def zero_init_last(self) -> None:
@@ -156,8 +151,8 @@ class PreActBasicBlock(_PreActivationBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
-        first = conv3x3_before_bn(self.conv1, pre)
-        out = bn_relu_conv3x3(self.bn2, self.conv2, first.out, first.sums).out
+        out = conv3x3_train(self.conv1, pre)
+        out = conv3x3_train(self.conv2, bn_relu(self.bn2, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
@@ -181,8 +176,8 @@ class PreActBottleneck(_PreActivationBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self._preactivate(x)
         out = self.conv1(pre)
-        middle = conv3x3_before_bn(self.conv2, bn_relu(self.bn2, out))
-        out = self.conv3(bn_relu(self.bn3, middle.out, sums=middle.sums))
+        out = conv3x3_train(self.conv2, bn_relu(self.bn2, out))
+        out = self.conv3(bn_relu(self.bn3, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
