@@ -151,24 +151,27 @@ def test_alternating_flips_reach_the_loader_and_need_the_cifar_pipeline():
             build_config(overrides=["data.flip_mode=alternate", conflict])
 
 
-def test_fast_cifar_is_v1_with_the_batch_crops_and_smoothing_chosen_on_validation():
+def test_fast_cifar_is_v1_with_the_batch_crops_smoothing_and_bias_decay_chosen_on_validation():
     fast, v1 = build_config("fast-cifar"), build_config("fast-cifar-v1")
     assert (v1.train.batch_size, v1.data.crop_padding, v1.data.padding_mode) == (128, 4, "zeros")
     assert (fast.train.batch_size, fast.data.crop_padding, fast.data.padding_mode) == (64, 2, "reflect")
     assert (v1.train.label_smoothing, fast.train.label_smoothing) == (0.1, 0.2)
+    assert (v1.optim.no_wd_bn_bias, fast.optim.no_wd_bn_bias) == (False, True)
     differing = {(section, key) for section in ("data", "optim", "schedule", "train", "runtime")
                  for key, value in getattr(fast, section).model_dump().items()
                  if getattr(v1, section).model_dump()[key] != value}
     assert differing == {("data", "crop_padding"), ("data", "padding_mode"), ("train", "batch_size"),
-                         ("train", "label_smoothing"), ("train", "final_tta")}  # the last only evaluates
+                         ("train", "label_smoothing"), ("optim", "no_wd_bn_bias"),
+                         ("train", "final_tta")}  # the last only evaluates
     assert (v1.train.final_tta, fast.train.final_tta) == ((), ("flip", "flip-shift"))
 
 
-def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_and_linear_decay():
+def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_linear_decay_and_bias_decay():
     fast, short = build_config("fast-cifar"), build_config("fast-cifar-15")
     assert (short.train.epochs, short.train.label_smoothing, short.schedule.kind) == (15, 0.1, "linear")
     assert short.schedule.warmup == fast.schedule.warmup
     differing = {(section, key) for section in ("model", "data", "optim", "schedule", "bn", "train", "runtime")
                  for key, value in getattr(short, section).model_dump().items()
                  if getattr(fast, section).model_dump()[key] != value}
-    assert differing == {("train", "epochs"), ("train", "label_smoothing"), ("schedule", "kind")}
+    assert differing == {("train", "epochs"), ("train", "label_smoothing"), ("schedule", "kind"), ("optim", "no_wd_bn_bias")}
+    assert not short.optim.no_wd_bn_bias  # as its results were measured
