@@ -100,7 +100,7 @@ def test_bench_rows_without_native_bf16_force_no_bf16(monkeypatch):
     run_all = _load_run_all(monkeypatch)
     native = run_all.training_cases(quick=True, bf16=True, default_precision="bf16")
     emulated = run_all.training_cases(quick=True, bf16=False, default_precision="fp32")
-    assert sum(case.cfg.precision == "bf16" for case in native) == 5
+    assert sum(case.cfg.precision == "bf16" for case in native) == 6
     assert all(case.cfg.precision != "bf16" for case in emulated)
     assert any(case.cfg.compile and case.cfg.precision == "fp32" for case in emulated)
     assert len(native) - len(emulated) == 3  # the forced-bf16 eager rows (NCHW, channels_last, unfused BN)

@@ -178,7 +178,7 @@ def test_runtime_conv_wgrad_resolves_to_the_kernel_where_it_runs(monkeypatch):
         resolve_runtime(RuntimeSection(device="cpu", precision="bf16", fused_bn=False, conv_wgrad="kernel"))
     calls = []
     real_apply = conv3x3_module._Conv3x3.apply
-    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: calls.append(args[-1]) or real_apply(*args))
+    monkeypatch.setattr(conv3x3_module._Conv3x3, "apply", lambda *args: calls.append(args[3]) or real_apply(*args))
     conv, x = nn.Conv2d(16, 16, 3, padding=1, bias=False), channels_last_bf16(2, 16, 8, 8, seed=0)
     for mode in ("kernel", "kernel-bf16", "native"):
         with resolve_runtime(RuntimeSection(device="cpu", precision="bf16", conv_wgrad=mode)).autocast():

@@ -26,6 +26,8 @@ def bench_run_config(cfg) -> RunConfig:
         changes["runtime.channels_last"] = cfg.channels_last
     if cfg.fused_bn is not None:
         changes["runtime.fused_bn"] = cfg.fused_bn
+    if cfg.winograd is not None:
+        changes["runtime.conv_winograd"] = cfg.winograd
     return resolved_config(RunConfig().replace(**changes))
 
 

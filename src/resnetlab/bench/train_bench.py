@@ -43,6 +43,7 @@ class BenchConfig:
     compile: bool | str = "auto"  # auto: what `resnetlab train` does (compiled on CUDA, eager on the CPU)
     compile_mode: str = "auto"  # torch.compile's mode (auto: reduce-overhead, i.e. CUDA graphs, on CUDA)
     fused_bn: bool | None = None  # the fused BN + ReLU CPU kernel; None: the engine's default
+    winograd: bool | None = None  # Winograd stride-1 3x3 convolutions (runtime.conv_winograd); None: the default
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default (the core count)
     windows: int = 3
@@ -78,6 +79,7 @@ class BenchResult:
     compile: bool = False
     compile_mode: str = "default"
     fused_bn: bool = False
+    winograd: bool = False
     device: str = ""
     threads: int = 0
     step_ms: float = 0.0
@@ -94,7 +96,7 @@ class BenchResult:
         mode = "" if self.compile_mode == "default" else f" ({self.compile_mode})"
         return (f"{self.model} batch {self.batch_size} {self.precision} {layout}"
                 f"{' compiled' + mode if self.compile else ' eager'}{' fused-BN' if self.fused_bn else ''}"
-                f" on {self.device} ({self.threads} threads)")
+                f"{' Winograd' if self.winograd else ''} on {self.device} ({self.threads} threads)")
 
 
 def mfu(images_per_s: float, train_gflop_per_image: float, peak_gflops: float) -> float:
@@ -219,7 +221,7 @@ def _run_train_bench(cfg: BenchConfig, peak_gflops: float | None) -> BenchResult
         images_per_s=rate, mfu=mfu(rate, flops, peak), peak_gflops=peak, train_gflop_per_image=flops,
         peak_rss_mb=rss.peak_mb, model=cfg.model, batch_size=cfg.batch_size, precision=runtime.precision,
         peak_precision=peak_dtype, channels_last=bool(runtime.channels_last), compile=runtime.compile, compile_mode=runtime.compile_mode,
-        fused_bn=runtime.fused_bn, device=str(device),
+        fused_bn=runtime.fused_bn, winograd=runtime.conv_winograd, device=str(device),
         threads=torch.get_num_threads(), step_ms=1000 * best.seconds / best.steps, warmup_s=warmup_s,
         mean_images_per_s=total_steps * cfg.batch_size / sum(w.seconds for w in windows),
         foreign_cores=best.foreign_cores,

@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_compile_flags(train, " (compile time is reported separately)")
     train.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=None,
                        help="the fused BN + ReLU CPU kernel (default: what `resnetlab train` uses here)")
+    train.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=None,
+                       help="Winograd F(2x2, 3x3) for the stride-1 3x3 convolutions with the fused kernels "
+                            "(runtime.conv_winograd; default: what `resnetlab train` uses here)")
     train.add_argument("--baseline", action="store_true",
                        help="also measure the standard recipe (fp32, NCHW, per-sample transforms in a "
                             "DataLoader with 2 workers, eager) and print the speed-up")
@@ -69,7 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, batch_size=args.batch, steps=args.steps, warmup_steps=args.warmup_steps,
                       precision=args.precision, channels_last=args.channels_last,
                       compile="auto" if compiling is None else compiling, compile_mode=compile_mode or "auto",
-                      fused_bn=args.fused_bn, device=args.device, threads=args.threads,
+                      fused_bn=args.fused_bn, winograd=args.winograd, device=args.device, threads=args.threads,
                       retry_seconds=args.retry_seconds)
     report = compare(cfg, baseline=args.baseline, baseline_workers=args.baseline_workers)
     if args.json:

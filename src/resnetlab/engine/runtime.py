@@ -16,7 +16,8 @@ from torch import nn
 from resnetlab.artifacts.env import cpu_name
 from resnetlab.config import RuntimeSection
 from resnetlab.errors import ConfigError
-from resnetlab.kernels import conv_weight_grad, fused_bn_relu, load_bn_relu_extension, load_conv_wgrad_extension
+from resnetlab.kernels import (conv_weight_grad, conv_winograd, fused_bn_relu, load_bn_relu_extension,
+                               load_conv_wgrad_extension, load_conv_winograd_extension)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,6 +33,7 @@ class Runtime:
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
     fused_bn: bool = False  # the fused BN + ReLU CPU kernel inside autocast() (resnetlab.kernels)
     conv_wgrad: str = "native"  # the 3x3 weight gradient with fused_bn: kernel | kernel-bf16 | native
+    conv_winograd: bool = False  # stride-1 3x3 forward passes and input gradients by Winograd, with fused_bn
 
     @property
     def cuda_graphs(self) -> bool:
@@ -55,6 +57,7 @@ class Runtime:
         if self.fused_bn:
             context.enter_context(fused_bn_relu())
             context.enter_context(conv_weight_grad(self.conv_wgrad))
+            context.enter_context(conv_winograd(self.conv_winograd))
         return context
 
     def grad_scaler(self) -> torch.amp.GradScaler:
@@ -73,7 +76,7 @@ class Runtime:
         return {"device": str(self.device), "device_name": device_name(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile,
                 "compile_mode": self.compile_mode if self.compile else None, "fused_bn": self.fused_bn,
-                "conv_wgrad": self.conv_wgrad,
+                "conv_wgrad": self.conv_wgrad, "conv_winograd": self.conv_winograd,
                 "threads": torch.get_num_threads()}
 
 
@@ -91,7 +94,8 @@ def resolve_runtime(cfg: RuntimeSection, *, distributed: bool = False) -> Runtim
     compile, compile_mode = resolve_compile(cfg.compile, cfg.compile_mode, device, distributed)
     fused_bn = resolve_fused_bn(cfg.fused_bn, device, precision, channels_last, compile)
     conv_wgrad = resolve_conv_wgrad(cfg.conv_wgrad, fused_bn)
-    return Runtime(device, precision, channels_last, compile, compile_mode, fused_bn, conv_wgrad)
+    winograd = resolve_conv_winograd(cfg.conv_winograd, fused_bn)
+    return Runtime(device, precision, channels_last, compile, compile_mode, fused_bn, conv_wgrad, winograd)
 
 
 def resolve_compile(setting: bool | str, mode: str, device: torch.device, distributed: bool) -> tuple[bool, str]:
@@ -148,6 +152,16 @@ def resolve_conv_wgrad(setting: str, fused_bn: bool) -> str:
         raise ConfigError(f"runtime.conv_wgrad={setting} needs runtime.fused_bn on and a CPU with AVX-512 BF16 "
                           "(the kernel's instruction); set runtime.conv_wgrad=auto or native")
     return setting
+
+
+def resolve_conv_winograd(setting: bool | str, fused_bn: bool) -> bool:
+    """runtime.conv_winograd resolved. The kernel runs inside the fused-kernel context only and needs
+    AVX-512 BF16. auto: on there (docs/speed-notes.md), off elsewhere."""
+    available = fused_bn and load_conv_winograd_extension() is not None
+    if setting is True and not available:
+        raise ConfigError("runtime.conv_winograd=true needs runtime.fused_bn on and a CPU with AVX-512 BF16 "
+                          "(the kernel's instruction); set runtime.conv_winograd=auto or false")
+    return available if setting == "auto" else setting
 
 
 @contextlib.contextmanager

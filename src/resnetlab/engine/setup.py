@@ -27,6 +27,7 @@ def resolved_config(config: RunConfig, dist: DistInfo = SINGLE) -> RunConfig:
         "runtime.device": str(device_for_rank(runtime.device, dist)), "runtime.precision": runtime.precision,
         "runtime.channels_last": channels_last, "runtime.fused_bn": runtime.fused_bn and channels_last,
         "runtime.conv_wgrad": runtime.conv_wgrad if runtime.fused_bn and channels_last else "native",
+        "runtime.conv_winograd": runtime.conv_winograd and runtime.fused_bn and channels_last,
         "runtime.compile": runtime.compile, "runtime.compile_mode": runtime.compile_mode,
     })
 

@@ -9,8 +9,9 @@ models used on their own behave exactly as torchvision's.
 fp32 result), in the same context; the forward pass and input gradient stay oneDNN's.
 """
 from resnetlab.kernels.batch_norm_relu import bn_relu, fused_bn_relu, fused_kernel_applies
-from resnetlab.kernels.build import load_bn_relu_extension, load_conv_fwd_extension, load_conv_wgrad_extension
-from resnetlab.kernels.conv3x3 import conv3x3_train, conv_weight_grad
+from resnetlab.kernels.build import (load_bn_relu_extension, load_conv_fwd_extension, load_conv_wgrad_extension,
+                                     load_conv_winograd_extension)
+from resnetlab.kernels.conv3x3 import conv3x3_train, conv_weight_grad, conv_winograd
 
-__all__ = ["bn_relu", "conv3x3_train", "conv_weight_grad", "fused_bn_relu", "fused_kernel_applies", "load_bn_relu_extension",
-           "load_conv_fwd_extension", "load_conv_wgrad_extension"]
+__all__ = ["bn_relu", "conv3x3_train", "conv_weight_grad", "conv_winograd", "fused_bn_relu", "fused_kernel_applies",
+           "load_bn_relu_extension", "load_conv_fwd_extension", "load_conv_wgrad_extension", "load_conv_winograd_extension"]

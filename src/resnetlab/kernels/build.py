@@ -14,6 +14,7 @@ import torch
 BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
 CONV_WGRAD_SOURCE = Path(__file__).with_name("conv_wgrad.cpp")
 CONV_FWD_SOURCE = Path(__file__).with_name("conv_fwd.cpp")
+CONV_WINOGRAD_SOURCE = Path(__file__).with_name("conv_winograd.cpp")
 
 
 def _cpu_flags() -> str:
@@ -53,6 +54,15 @@ def load_conv_fwd_extension():
     if "avx512_bf16" not in _cpu_flags().split():
         return None
     return _load("conv_fwd", CONV_FWD_SOURCE, "3x3 convolution kernel")
+
+
+@functools.cache
+def load_conv_winograd_extension():
+    """The compiled Winograd F(2x2, 3x3) convolution kernel (stride 1); None as for
+    `load_conv_wgrad_extension`."""
+    if "avx512_bf16" not in _cpu_flags().split():
+        return None
+    return _load("conv_winograd", CONV_WINOGRAD_SOURCE, "Winograd 3x3 convolution kernel")
 
 
 def _load(short_name: str, source: Path, what: str):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from resnetlab.kernels.batch_norm_relu import fused_kernels_enabled
-from resnetlab.kernels.build import load_conv_fwd_extension, load_conv_wgrad_extension
+from resnetlab.kernels.build import load_conv_fwd_extension, load_conv_wgrad_extension, load_conv_winograd_extension
 
 
 # Where the kernels were measured faster than oneDNN (benchmarks/bench_conv3x3.py): the CIFAR
@@ -29,8 +29,16 @@ MAX_CHANNELS = 64
 MAX_PIXELS = 32 * 32
 FORWARD_KERNEL = True  # off: oneDNN's forward pass and input gradient (benchmarks/bench_conv3x3.py compares)
 WGRAD_MODES = ("kernel", "kernel-bf16", "native")
+# Winograd F(2x2, 3x3) for the stride-1 forward passes and input gradients from this many channels in
+# and out: on one thread of the 2-core Zen 4 it took 1.87 / 1.50 ms against 2.53 / 2.45 ms direct at
+# 32 / 64 channels, but 2.85 against 2.92 ms at 16, where its transforms cost what it saves
+# (kernels/conv_winograd.cpp, docs/speed-notes.md).
+WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_CHANNELS = (16, 32, 64)  # the channel counts the kernel is compiled for
+WINOGRAD_TILES = 16  # 2x2 output tiles per block of the kernel: the map must hold a multiple of these
 
 _wgrad_mode: contextvars.ContextVar[str] = contextvars.ContextVar("resnetlab_conv_wgrad", default="kernel")
+_winograd: contextvars.ContextVar[bool] = contextvars.ContextVar("resnetlab_conv_winograd", default=False)
 
 
 @contextlib.contextmanager
@@ -47,12 +55,36 @@ def conv_weight_grad(mode: str):
         _wgrad_mode.reset(token)
 
 
+@contextlib.contextmanager
+def conv_winograd(enabled: bool):
+    """Within this context (and inside `fused_bn_relu()`), `conv3x3_train` computes the stride-1
+    forward passes and input gradients of layers with at least WINOGRAD_MIN_CHANNELS channels in
+    and out by Winograd F(2x2, 3x3) (fewer multiply-adds, about three times the rounding error of
+    the direct kernel) instead of the direct kernel."""
+    token = _winograd.set(enabled)
+    try:
+        yield
+    finally:
+        _winograd.reset(token)
+
+
+def winograd_applies(x: torch.Tensor, in_channels: int, out_channels: int, stride: int) -> bool:
+    h, w = x.shape[-2:]
+    return (stride == 1 and in_channels in WINOGRAD_CHANNELS and out_channels in WINOGRAD_CHANNELS
+            and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and h % 2 == 0 and w % 2 == 0
+            and (h // 2) * (w // 2) % WINOGRAD_TILES == 0 and load_conv_winograd_extension() is not None)
+
+
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, stride, wgrad_mode):
+    def forward(ctx, x, weight, stride, wgrad_mode, winograd):
         weight_bf16 = weight.to(torch.bfloat16)  # what autocast would hand the native convolution
         ctx.save_for_backward(x, weight_bf16)
         ctx.stride, ctx.wgrad_mode = stride, wgrad_mode
+        ctx.winograd = winograd and winograd_applies(x, weight.shape[1], weight.shape[0], stride)
+        if ctx.winograd:
+            kernel = load_conv_winograd_extension()
+            return kernel.winograd(x, kernel.winograd_weights(weight_bf16, False), weight.shape[0])
         kernel = load_conv_fwd_extension() if FORWARD_KERNEL else None
         ctx.forward_kernel = kernel is not None
         if kernel is not None:
@@ -64,7 +96,8 @@ class _Conv3x3(torch.autograd.Function):
         x, weight_bf16 = ctx.saved_tensors
         s = ctx.stride
         grad_out = grad_out.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grad_x_by_kernel = ctx.needs_input_grad[0] and ctx.forward_kernel
+        grad_x_by_winograd = ctx.needs_input_grad[0] and ctx.winograd
+        grad_x_by_kernel = ctx.needs_input_grad[0] and (ctx.winograd or ctx.forward_kernel)
         grad_w_by_kernel = ctx.needs_input_grad[1] and ctx.wgrad_mode != "native"
         onednn_mask = [ctx.needs_input_grad[0] and not grad_x_by_kernel, ctx.needs_input_grad[1] and not grad_w_by_kernel]
         grad_x = grad_weight = None
@@ -72,7 +105,10 @@ class _Conv3x3(torch.autograd.Function):
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
                 grad_out, x, weight_bf16, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [*onednn_mask, False])
             grad_weight = grad_weight.float() if grad_weight is not None else None  # as autocast's cast passes it on
-        if grad_x_by_kernel and s == 1:
+        if grad_x_by_winograd:
+            kernel = load_conv_winograd_extension()
+            grad_x = kernel.winograd(grad_out, kernel.winograd_weights(weight_bf16, True), x.shape[1])
+        elif grad_x_by_kernel and s == 1:
             grad_x = load_conv_fwd_extension().convolution(grad_out, weight_bf16, 1, True)
         elif grad_x_by_kernel:
             grad_x = load_conv_fwd_extension().input_grad_stride2(grad_out, weight_bf16, x.shape[2], x.shape[3])
@@ -80,7 +116,7 @@ class _Conv3x3(torch.autograd.Function):
             grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
             if ctx.wgrad_mode == "kernel-bf16":
                 grad_weight = grad_weight.to(torch.bfloat16).float()
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
 
 
 def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -98,5 +134,5 @@ def kernel_applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 def conv3x3_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x), with resnetlab's kernels where they apply."""
     if not torch.compiler.is_compiling() and fused_kernels_enabled() and kernel_applies(conv, x):
-        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get())
+        return _Conv3x3.apply(x, conv.weight, conv.stride[0], _wgrad_mode.get(), _winograd.get())
     return conv(x)
