@@ -103,7 +103,7 @@ def test_bench_rows_without_native_bf16_force_no_bf16(monkeypatch):
     assert sum(case.cfg.precision == "bf16" for case in native) == 6
     assert all(case.cfg.precision != "bf16" for case in emulated)
     assert any(case.cfg.compile and case.cfg.precision == "fp32" for case in emulated)
-    assert len(native) - len(emulated) == 3  # the forced-bf16 eager rows (NCHW, channels_last, unfused BN)
+    assert len(native) - len(emulated) == 4  # the forced-bf16 eager rows (NCHW, channels_last, direct convolutions, unfused BN)
 
 
 def test_bench_report_names_the_commit_it_measured(monkeypatch):
