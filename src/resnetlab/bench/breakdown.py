@@ -84,14 +84,15 @@ def conv_rates(batch: int = 128, precision: str = "bf16", channels_last: bool = 
                repeats: int = 5, calls: int = 10) -> list[dict]:
     """GFLOP/s of each CIFAR ResNet convolution alone, forward and backward (input and weight
     gradients; the stem needs no input gradient), best of `repeats` x `calls`; as the engine runs
-    them: fp32 weights, autocast for bf16, and in bf16 channels_last the weight-gradient kernel
-    where it applies (resnetlab.kernels.conv3x3)."""
+    them: fp32 weights, autocast for bf16, and in bf16 channels_last resnetlab's kernels where they
+    apply, Winograd's included (resnetlab.kernels.conv3x3; its GFLOP/s count the direct form's
+    multiply-adds, as MFU does)."""
     import contextlib
     import time
 
     from torch import nn
 
-    from resnetlab.kernels import conv3x3_train, fused_bn_relu
+    from resnetlab.kernels import conv3x3_train, conv_winograd, fused_bn_relu, load_conv_winograd_extension
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -106,6 +107,7 @@ def conv_rates(batch: int = 128, precision: str = "bf16", channels_last: bool = 
             stack = contextlib.ExitStack()
             stack.enter_context(torch.autocast("cpu", dtype=dtype))
             stack.enter_context(fused_bn_relu())
+            stack.enter_context(conv_winograd(load_conv_winograd_extension() is not None))  # runtime.conv_winograd auto
             return stack
 
         def forward():
