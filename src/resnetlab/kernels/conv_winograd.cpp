@@ -131,33 +131,51 @@ torch::Tensor winograd_weights(const torch::Tensor& weight, bool transpose) {
   const int64_t wo = w.size(0), wi = w.size(1);
   const int64_t co = transpose ? wi : wo, ci = transpose ? wo : wi;
   TORCH_CHECK(co % 16 == 0 && ci % 2 == 0, "channel counts");
-  auto packed = torch::empty({16, co / 16, ci / 2, 16, 2}, w.options().dtype(at::kBFloat16));
   const float* src = w.data_ptr<float>();
-  auto* dst = reinterpret_cast<at::BFloat16*>(packed.data_ptr());
-  at::parallel_for(0, co, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o)
-      for (int64_t i = 0; i < ci; ++i) {
-        float g[3][3];
-        for (int kh = 0; kh < 3; ++kh)
-          for (int kw = 0; kw < 3; ++kw)
-            g[kh][kw] = transpose ? src[((i * wi + o) * 3 + 2 - kh) * 3 + 2 - kw] : src[((o * wi + i) * 3 + kh) * 3 + kw];
-        float gg[4][3];  // G g; G's rows are (1, 0, 0), (1, 1, 1) / 2, (1, -1, 1) / 2, (0, 0, 1)
+  // g[i][tap][o]: output channels innermost, so that 16 of them fill a vector
+  std::vector<float> g(ci * 9 * co);
+  for (int64_t o = 0; o < co; ++o)
+    for (int64_t i = 0; i < ci; ++i)
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          g[(i * 9 + kh * 3 + kw) * co + o] =
+              transpose ? src[((i * wi + o) * 3 + 2 - kh) * 3 + 2 - kw] : src[((o * wi + i) * 3 + kh) * 3 + kw];
+  auto packed = torch::empty({16, co / 16, ci / 2, 16, 2}, w.options().dtype(at::kBFloat16));
+  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr());
+  alignas(64) uint16_t order_index[32];  // (a[j], b[j]) pairs from a | b
+  for (int j = 0; j < 16; ++j) {
+    order_index[2 * j] = j;
+    order_index[2 * j + 1] = 16 + j;
+  }
+  const __m512i order = _mm512_load_si512(order_index);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int64_t ob = 0; ob < co / 16; ++ob)
+    for (int64_t ip = 0; ip < ci / 2; ++ip) {
+      __m512 u[2][16];  // G g G^T of input channels 2 ip and 2 ip + 1, 16 output channels per vector
+      for (int s = 0; s < 2; ++s) {
+        const float* gi = g.data() + (2 * ip + s) * 9 * co + ob * 16;
+        __m512 gg[4][3];  // G g; G's rows are (1, 0, 0), (1, 1, 1) / 2, (1, -1, 1) / 2, (0, 0, 1)
         for (int c = 0; c < 3; ++c) {
-          gg[0][c] = g[0][c];
-          gg[1][c] = 0.5f * (g[0][c] + g[1][c] + g[2][c]);
-          gg[2][c] = 0.5f * (g[0][c] - g[1][c] + g[2][c]);
-          gg[3][c] = g[2][c];
+          const __m512 g0 = _mm512_loadu_ps(gi + c * co), g1 = _mm512_loadu_ps(gi + (3 + c) * co),
+                       g2 = _mm512_loadu_ps(gi + (6 + c) * co);
+          gg[0][c] = g0;
+          gg[1][c] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_add_ps(g0, g1), g2));
+          gg[2][c] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_sub_ps(g0, g1), g2));
+          gg[3][c] = g2;
         }
-        at::BFloat16* out = dst + ((o / 16) * (ci / 2) + i / 2) * 32 + (o % 16) * 2 + i % 2;
-        const int64_t position = (co / 16) * (ci / 2) * 32;  // bf16 values between positions
         for (int r = 0; r < 4; ++r) {  // (G g) G^T
-          out[(r * 4 + 0) * position] = gg[r][0];
-          out[(r * 4 + 1) * position] = 0.5f * (gg[r][0] + gg[r][1] + gg[r][2]);
-          out[(r * 4 + 2) * position] = 0.5f * (gg[r][0] - gg[r][1] + gg[r][2]);
-          out[(r * 4 + 3) * position] = gg[r][2];
+          u[s][r * 4 + 0] = gg[r][0];
+          u[s][r * 4 + 1] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_add_ps(gg[r][0], gg[r][1]), gg[r][2]));
+          u[s][r * 4 + 2] = _mm512_mul_ps(half, _mm512_add_ps(_mm512_sub_ps(gg[r][0], gg[r][1]), gg[r][2]));
+          u[s][r * 4 + 3] = gg[r][2];
         }
       }
-  });
+      for (int pos = 0; pos < 16; ++pos) {
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(u[0][pos])),
+                                                (__m256i)_mm512_cvtneps_pbh(u[1][pos]), 1);
+        _mm512_storeu_si512(dst + ((pos * (co / 16) + ob) * (ci / 2) + ip) * 32, _mm512_permutexvar_epi16(order, both));
+      }
+    }
   return packed;
 }
 
