@@ -1,8 +1,10 @@
 """The 3x3 convolutions: resnetlab's CPU kernels (kernels/conv_fwd.cpp for the forward pass and the
-input gradient, kernels/conv_wgrad.cpp for the weight gradient) against oneDNN's, per
-ResNet-20 layer shape, then whole ResNet-20 training steps (the engine's, as `bench train` runs them)
-with all kernels, with oneDNN's forward pass and input gradient, and with oneDNN only, interleaved
-round by round so that a machine whose speed drifts affects all alike.
+input gradient, kernels/conv_winograd.cpp for the same by Winograd F(2x2, 3x3) at stride 1,
+kernels/conv_wgrad.cpp for the weight gradient) against oneDNN's, per ResNet-20 layer shape, then
+whole ResNet-20 training steps (the engine's, as `bench train` runs them) with all kernels, with the
+direct kernels only (no Winograd), with oneDNN's forward pass and input gradient, and with oneDNN
+only, interleaved round by round so that a machine whose speed drifts affects all alike. Winograd's
+GFLOP/s count the direct form's multiply-adds and its times include the weight transform.
 
     python benchmarks/bench_conv3x3.py [--rounds 16] [--batch 128]
 
@@ -21,11 +23,11 @@ from resnetlab.bench.train_bench import synthetic_data
 from resnetlab.config import build_config
 from resnetlab.engine.setup import resolved_config
 from resnetlab.kernels import conv3x3 as conv3x3_module
-from resnetlab.kernels import load_conv_fwd_extension, load_conv_wgrad_extension
+from resnetlab.kernels import load_conv_fwd_extension, load_conv_wgrad_extension, load_conv_winograd_extension
 
 # ResNet-20's 3x3 convolutions with 16k channels: (in, out, input size, stride, layers per net)
 LAYERS = ((16, 16, 32, 1, 6), (16, 32, 32, 2, 1), (32, 32, 16, 1, 5), (32, 64, 16, 2, 1), (64, 64, 8, 1, 5))
-STEP_FORMS = ("kernels", "oneDNN forward and input gradient", "oneDNN only")
+STEP_FORMS = ("kernels", "direct kernels (no Winograd)", "oneDNN forward and input gradient", "oneDNN only")
 
 
 def median_ms(fn, repeats: int = 20) -> float:
@@ -40,9 +42,10 @@ def median_ms(fn, repeats: int = 20) -> float:
 
 
 def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
-    """Per layer shape and pass (forward, input gradient, weight gradient): oneDNN's and the
-    kernel's median ms."""
+    """Per layer shape and pass (forward, input gradient, weight gradient): oneDNN's, the direct
+    kernel's and, for the stride-1 forward pass and input gradient, Winograd's median ms."""
     forward_kernel, wgrad_kernel = load_conv_fwd_extension(), load_conv_wgrad_extension()
+    winograd = load_conv_winograd_extension()
     rows = []
     for cin, cout, size, stride, count in LAYERS:
         out_size = (size - 1) // stride + 1
@@ -59,22 +62,30 @@ def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
             "weight gradient": (lambda: torch.ops.aten.convolution_backward(dy, x, w, *conv_args, [False, True, False]),
                                 lambda: wgrad_kernel.weight_grad(dy, x, stride)),
         }
+        winograd_passes = {
+            "forward": lambda: winograd.winograd(x, winograd.winograd_weights(w, False), cout),
+            "input gradient": lambda: winograd.winograd(dy, winograd.winograd_weights(w, True), cin),
+        } if stride == 1 and winograd is not None else {}
         gflop = 2 * batch * cout * cin * 9 * out_size * out_size / 1e9
         for name, (onednn, kernel) in passes.items():
             onednn_ms = median_ms(onednn, repeats)
             kernel_ms = median_ms(kernel, repeats)
+            winograd_ms = median_ms(winograd_passes[name], repeats) if name in winograd_passes else None
             rows.append({"layer": f"{cin}->{cout}, {size}x{size}, stride {stride}", "pass": name, "count": count,
                          "onednn_ms": onednn_ms, "kernel_ms": kernel_ms, "onednn_gflops": gflop / onednn_ms * 1e3,
-                         "kernel_gflops": gflop / kernel_ms * 1e3})
+                         "kernel_gflops": gflop / kernel_ms * 1e3, "winograd_ms": winograd_ms,
+                         "winograd_gflops": gflop / winograd_ms * 1e3 if winograd_ms else None})
     return rows
 
 
 def _use(form: str) -> None:
-    conv3x3_module.FORWARD_KERNEL = form == "kernels"
+    conv3x3_module.FORWARD_KERNEL = form in ("kernels", "direct kernels (no Winograd)")
+    conv3x3_module.winograd_applies = _shipped_winograd_applies if form == "kernels" else (lambda *args: False)
     conv3x3_module.kernel_applies = _shipped_applies if form != "oneDNN only" else (lambda conv, x: False)
 
 
 _shipped_applies = conv3x3_module.kernel_applies
+_shipped_winograd_applies = conv3x3_module.winograd_applies
 
 
 def paired_step_ms(rounds: int, batch: int, steps_per_round: int = 4) -> dict[str, list[float]]:
@@ -112,11 +123,13 @@ def main() -> None:
     if load_conv_fwd_extension() is None or load_conv_wgrad_extension() is None:
         sys.exit("bench_conv3x3: the kernels are not available here (need AVX-512 BF16 and a C++ compiler)")
     print(f"bf16, channels_last, batch {args.batch}, {torch.get_num_threads()} threads\n")
-    print("| 3x3 layer | per net | pass | oneDNN ms (GFLOP/s) | kernel ms (GFLOP/s) |\n|---|---:|---|---:|---:|")
+    print("| 3x3 layer | per net | pass | oneDNN ms (GFLOP/s) | kernel ms (GFLOP/s) | Winograd ms (GFLOP/s) |\n"
+          "|---|---:|---|---:|---:|---:|")
     for row in layer_rows(args.batch):
         kernel = f"{row['kernel_ms']:.2f} ({row['kernel_gflops']:.0f})"
+        winograd = f"{row['winograd_ms']:.2f} ({row['winograd_gflops']:.0f})" if row["winograd_ms"] else "-"
         print(f"| {row['layer']} | {row['count']} | {row['pass']} | {row['onednn_ms']:.2f} ({row['onednn_gflops']:.0f}) "
-              f"| {kernel} |")
+              f"| {kernel} | {winograd} |")
     times = paired_step_ms(args.rounds, args.batch)
     print(f"\n| ResNet-20 training step, {args.rounds} interleaved rounds | min ms | median ms |\n|---|---:|---:|")
     for form, values in times.items():
