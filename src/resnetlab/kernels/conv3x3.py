@@ -1,5 +1,6 @@
 """A 3x3 convolution computed by resnetlab's CPU kernels in training: the forward pass and the input
-gradient by kernels/conv_fwd.cpp, the weight gradient by kernels/conv_wgrad.cpp (from the bf16
+gradient by kernels/conv_fwd.cpp, or at stride 1 by Winograd F(2x2, 3x3) in kernels/conv_winograd.cpp
+(inside `conv_winograd(True)`: runtime.conv_winograd), the weight gradient by kernels/conv_wgrad.cpp (from the bf16
 tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks for oneDNN's
 bf16 rounding or oneDNN itself; runtime.conv_wgrad).
 
