@@ -28,7 +28,6 @@
 namespace {
 
 constexpr int kTiles = 16;  // 2x2 output tiles per block
-alignas(64) const uint16_t kZeros[64] = {};
 
 inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(
@@ -43,33 +42,44 @@ template <int CI, int CO>
 void run_block(const uint16_t* x, int64_t H, int64_t W, int64_t tile0, const uint32_t* U, uint16_t* y,
                uint32_t* V, float* M) {
   const int64_t TW = W / 2;
-  for (int t = 0; t < kTiles; ++t) {
-    const int64_t tile = tile0 + t, th = tile / TW, tw = tile % TW;
-    const uint16_t* px[4][4];
-    for (int r = 0; r < 4; ++r) {
-      const int64_t h = 2 * th - 1 + r;
-      for (int c = 0; c < 4; ++c) {
-        const int64_t w = 2 * tw - 1 + c;
-        px[r][c] = (h >= 0 && h < H && w >= 0 && w < W) ? x + (h * W + w) * CI : kZeros;
-      }
-    }
-    for (int c0 = 0; c0 < CI; c0 += 16) {
-      __m512 e[4][4];
-      for (int c = 0; c < 4; ++c) {
-        const __m512 d0 = load16(px[0][c] + c0), d1 = load16(px[1][c] + c0), d2 = load16(px[2][c] + c0),
-                     d3 = load16(px[3][c] + c0);
-        e[0][c] = _mm512_sub_ps(d0, d2);
-        e[1][c] = _mm512_add_ps(d1, d2);
-        e[2][c] = _mm512_sub_ps(d2, d1);
-        e[3][c] = _mm512_sub_ps(d1, d3);
-      }
+  // Input transform, one group of 16 channels at a time. B^T d is taken column by column, and
+  // neighbouring tiles of a row share two columns: each column is loaded and combined once.
+  for (int c0 = 0; c0 < CI; c0 += 16) {
+    __m512 e[4][4];  // e[column][r]: (B^T d) of the current tile's four columns
+    for (int t = 0; t < kTiles; ++t) {
+      const int64_t tile = tile0 + t, th = tile / TW, tw = tile % TW;
+      const uint16_t* rows[4];  // nullptr: a row of the zero border
       for (int r = 0; r < 4; ++r) {
+        const int64_t h = 2 * th - 1 + r;
+        rows[r] = h >= 0 && h < H ? x + h * W * CI + c0 : nullptr;
+      }
+      const auto column = [&](int64_t w, __m512(&col)[4]) {
+        __m512 d[4];
+        for (int r = 0; r < 4; ++r)
+          d[r] = rows[r] != nullptr && w >= 0 && w < W ? load16(rows[r] + w * CI) : _mm512_setzero_ps();
+        col[0] = _mm512_sub_ps(d[0], d[2]);
+        col[1] = _mm512_add_ps(d[1], d[2]);
+        col[2] = _mm512_sub_ps(d[2], d[1]);
+        col[3] = _mm512_sub_ps(d[1], d[3]);
+      };
+      if (t == 0 || tw == 0) {
+        column(2 * tw - 1, e[0]);
+        column(2 * tw, e[1]);
+      } else {
+        for (int r = 0; r < 4; ++r) {
+          e[0][r] = e[2][r];
+          e[1][r] = e[3][r];
+        }
+      }
+      column(2 * tw + 1, e[2]);
+      column(2 * tw + 2, e[3]);
+      for (int r = 0; r < 4; ++r) {  // (B^T d) B, stored as bf16 at positions r * 4 + 0..3
         uint16_t* v = reinterpret_cast<uint16_t*>(V + ((r * 4) * kTiles + t) * (CI / 2)) + c0;
         const int64_t stride = kTiles * CI;  // uint16 between positions
-        store16(v, _mm512_sub_ps(e[r][0], e[r][2]));
-        store16(v + stride, _mm512_add_ps(e[r][1], e[r][2]));
-        store16(v + 2 * stride, _mm512_sub_ps(e[r][2], e[r][1]));
-        store16(v + 3 * stride, _mm512_sub_ps(e[r][1], e[r][3]));
+        store16(v, _mm512_sub_ps(e[0][r], e[2][r]));
+        store16(v + stride, _mm512_add_ps(e[1][r], e[2][r]));
+        store16(v + 2 * stride, _mm512_sub_ps(e[2][r], e[1][r]));
+        store16(v + 3 * stride, _mm512_sub_ps(e[1][r], e[3][r]));
       }
     }
   }
