@@ -42,27 +42,28 @@ def load_bn_relu_extension():
 def load_conv_wgrad_extension():
     """The compiled 3x3 convolution weight-gradient kernel; None without a warning on CPUs without
     AVX-512 BF16 (it needs a Zen 4, Sapphire Rapids or newer), with one where it can't be built."""
-    if "avx512_bf16" not in _cpu_flags().split():
-        return None
-    return _load("conv_wgrad", CONV_WGRAD_SOURCE, "3x3 convolution weight-gradient kernel")
+    return _load_with_avx512_bf16("conv_wgrad", CONV_WGRAD_SOURCE, "3x3 convolution weight-gradient kernel")
 
 
 @functools.cache
 def load_conv_fwd_extension():
     """The compiled 3x3 convolution kernel (forward pass and stride-1 input gradient); None as for
     `load_conv_wgrad_extension`."""
-    if "avx512_bf16" not in _cpu_flags().split():
-        return None
-    return _load("conv_fwd", CONV_FWD_SOURCE, "3x3 convolution kernel")
+    return _load_with_avx512_bf16("conv_fwd", CONV_FWD_SOURCE, "3x3 convolution kernel")
 
 
 @functools.cache
 def load_conv_winograd_extension():
     """The compiled Winograd F(2x2, 3x3) convolution kernel (stride 1); None as for
     `load_conv_wgrad_extension`."""
+    return _load_with_avx512_bf16("conv_winograd", CONV_WINOGRAD_SOURCE, "Winograd 3x3 convolution kernel")
+
+
+def _load_with_avx512_bf16(short_name: str, source: Path, what: str):
+    # The convolution kernels are written around vdpbf16ps: elsewhere there is nothing to build.
     if "avx512_bf16" not in _cpu_flags().split():
         return None
-    return _load("conv_winograd", CONV_WINOGRAD_SOURCE, "Winograd 3x3 convolution kernel")
+    return _load(short_name, source, what)
 
 
 def _load(short_name: str, source: Path, what: str):
