@@ -31,9 +31,8 @@ MAX_PIXELS = 32 * 32
 FORWARD_KERNEL = True  # off: oneDNN's forward pass and input gradient (benchmarks/bench_conv3x3.py compares)
 WGRAD_MODES = ("kernel", "kernel-bf16", "native")
 # Winograd F(2x2, 3x3) for the stride-1 forward passes and input gradients from this many channels in
-# and out: on one thread of the 2-core Zen 4 it took 1.87 / 1.50 ms against 2.53 / 2.45 ms direct at
-# 32 / 64 channels, but 2.85 against 2.92 ms at 16, where its transforms cost what it saves
-# (kernels/conv_winograd.cpp, docs/speed-notes.md).
+# and out: on two threads of the 2-core Zen 4 it took 1.14 / 1.00 / 0.90 ms against 1.39 / 1.28 / 1.23 ms
+# direct at 16 / 32 / 64 channels (kernels/conv_winograd.cpp, docs/speed-notes.md).
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_CHANNELS = (16, 32, 64)  # the channel counts the kernel is compiled for
 WINOGRAD_TILES = 16  # 2x2 output tiles per block of the kernel: the map must hold a multiple of these

@@ -7,9 +7,8 @@
 // (`winograd_weights(w, transpose=true)`) the same loop gives the input gradient dx = conv(dy, w^T flipped).
 //
 // Why: the direct kernels (conv_fwd.cpp) run at the core's peak, so fewer multiply-adds was what was
-// left. On one thread of the 2-core Zen 4 the 32- and 64-channel ResNet layers took 1.87 / 1.50 ms
-// against 2.53 / 2.45 ms direct; at 16 channels the transforms cost what the products save (2.85 vs
-// 2.92 ms), so conv3x3.py uses it from 32 channels (docs/speed-notes.md).
+// left. On two threads of the 2-core Zen 4 the ResNet layers took 1.14 / 1.00 / 0.90 ms at 16 / 32 / 64
+// channels against 1.39 / 1.28 / 1.23 ms direct (docs/speed-notes.md); the transforms weigh most at 16.
 //
 // How: tiles are taken 16 at a time (all in one image). The input transform reads each tile's 4x4
 // patch (zeros outside the image), 16 channels per vector in fp32, and stores the 16 transformed
