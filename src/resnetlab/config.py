@@ -254,9 +254,10 @@ class RuntimeSection(_Section):
     # AVX-512 BF16 kernel, fp32 result), "kernel-bf16" (the same, rounded to bf16 as oneDNN's bf16
     # gradient is) or "native" (oneDNN). auto: "kernel" where the CPU has AVX-512 BF16.
     conv_wgrad: Literal["auto", "kernel", "kernel-bf16", "native"] = "auto"
-    # The stride-1 3x3 convolutions' forward passes and input gradients by Winograd F(2x2, 3x3) while
-    # fused_bn is on (kernels/conv_winograd.cpp): 2.25x fewer multiply-adds, about three times the
-    # direct kernel's rounding error. auto: on where the CPU has AVX-512 BF16; false: the direct kernel.
+    # The stride-1 3x3 convolutions' forward passes and input gradients, and from 32 channels their
+    # weight gradients, by Winograd F(2x2, 3x3) while fused_bn is on (kernels/conv_winograd*.cpp):
+    # 2.25x fewer multiply-adds, about three times the direct kernel's rounding error. auto: on where
+    # the CPU has AVX-512 BF16; false: the direct kernels.
     conv_winograd: bool | Literal["auto"] = "auto"
 
     @field_validator("device")

@@ -33,7 +33,7 @@ class Runtime:
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
     fused_bn: bool = False  # the fused BN + ReLU CPU kernel inside autocast() (resnetlab.kernels)
     conv_wgrad: str = "native"  # the 3x3 weight gradient with fused_bn: kernel | kernel-bf16 | native
-    conv_winograd: bool = False  # stride-1 3x3 forward passes and input gradients by Winograd, with fused_bn
+    conv_winograd: bool = False  # stride-1 3x3 convolutions by Winograd (weight gradients from 32 channels), with fused_bn
 
     @property
     def cuda_graphs(self) -> bool:

@@ -7,7 +7,8 @@ models used on their own behave exactly as torchvision's.
 
 `conv3x3_train`: a 3x3 convolution computed by CPU kernels in the same context (bf16 channels_last):
 forward pass and input gradient direct or, at stride 1 inside `conv_winograd(True)`, by Winograd
-F(2x2, 3x3); the weight gradient in fp32 (inside `conv_weight_grad(...)`).
+F(2x2, 3x3); the weight gradient in fp32 (inside `conv_weight_grad(...)`), at stride 1 from 32 channels
+by Winograd as well.
 """
 from resnetlab.kernels.batch_norm_relu import bn_relu, fused_bn_relu, fused_kernel_applies
 from resnetlab.kernels.build import (load_bn_relu_extension, load_conv_fwd_extension, load_conv_wgrad_extension,

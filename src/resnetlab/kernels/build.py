@@ -15,6 +15,7 @@ BN_RELU_SOURCE = Path(__file__).with_name("bn_relu.cpp")
 CONV_WGRAD_SOURCE = Path(__file__).with_name("conv_wgrad.cpp")
 CONV_FWD_SOURCE = Path(__file__).with_name("conv_fwd.cpp")
 CONV_WINOGRAD_SOURCE = Path(__file__).with_name("conv_winograd.cpp")
+CONV_WINOGRAD_WGRAD_SOURCE = Path(__file__).with_name("conv_winograd_wgrad.cpp")
 
 
 def _cpu_flags() -> str:
@@ -57,6 +58,14 @@ def load_conv_winograd_extension():
     """The compiled Winograd F(2x2, 3x3) convolution kernel (stride 1); None as for
     `load_conv_wgrad_extension`."""
     return _load_with_avx512_bf16("conv_winograd", CONV_WINOGRAD_SOURCE, "Winograd 3x3 convolution kernel")
+
+
+@functools.cache
+def load_conv_winograd_wgrad_extension():
+    """The compiled Winograd F(2x2, 3x3) weight-gradient kernel (stride 1); None as for
+    `load_conv_wgrad_extension`."""
+    return _load_with_avx512_bf16("conv_winograd_wgrad", CONV_WINOGRAD_WGRAD_SOURCE,
+                                  "Winograd 3x3 convolution weight-gradient kernel")
 
 
 def _load_with_avx512_bf16(short_name: str, source: Path, what: str):

@@ -2,7 +2,8 @@
 gradient by kernels/conv_fwd.cpp, or at stride 1 by Winograd F(2x2, 3x3) in kernels/conv_winograd.cpp
 (inside `conv_winograd(True)`: runtime.conv_winograd), the weight gradient by kernels/conv_wgrad.cpp (from the bf16
 tensors with fp32 accumulation, returned in fp32 unless `conv_weight_grad(...)` asks for oneDNN's
-bf16 rounding or oneDNN itself; runtime.conv_wgrad).
+bf16 rounding or oneDNN itself; runtime.conv_wgrad), or, inside `conv_winograd(True)` at stride 1 with
+32 or more channels, by Winograd in kernels/conv_winograd_wgrad.cpp.
 
 On the 2-core Zen 4 (AVX-512 BF16, no AMX) the kernels ran the ResNet-20 layers at 440-490 GFLOP/s
 forward and to the input where oneDNN reached 375-490 (195-275 for the stride-2 input gradients), and
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from resnetlab.kernels.batch_norm_relu import fused_kernels_enabled
-from resnetlab.kernels.build import load_conv_fwd_extension, load_conv_wgrad_extension, load_conv_winograd_extension
+from resnetlab.kernels.build import (load_conv_fwd_extension, load_conv_wgrad_extension,
+                                    load_conv_winograd_extension, load_conv_winograd_wgrad_extension)
 
 
 # Where the kernels were measured faster than oneDNN (benchmarks/bench_conv3x3.py): the CIFAR
@@ -36,6 +38,10 @@ WGRAD_MODES = ("kernel", "kernel-bf16", "native")
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_CHANNELS = (16, 32, 64)  # the channel counts the kernel is compiled for
 WINOGRAD_TILES = 16  # 2x2 output tiles per block of the kernel: the map must hold a multiple of these
+# The weight gradient by Winograd from this many channels in and out: on two threads of the 2-core Zen 4
+# 1.17 / 0.97 ms against 1.53 / 1.44 ms direct at 32 / 64 channels, but 1.86 against 1.58 at 16, where
+# transforming x and dy costs as much as the multiply-adds (kernels/conv_winograd_wgrad.cpp).
+WINOGRAD_WGRAD_MIN_CHANNELS = 32
 
 _wgrad_mode: contextvars.ContextVar[str] = contextvars.ContextVar("resnetlab_conv_wgrad", default="kernel")
 _winograd: contextvars.ContextVar[bool] = contextvars.ContextVar("resnetlab_conv_winograd", default=False)
@@ -73,6 +79,12 @@ def winograd_applies(x: torch.Tensor, in_channels: int, out_channels: int, strid
     return (stride == 1 and in_channels in WINOGRAD_CHANNELS and out_channels in WINOGRAD_CHANNELS
             and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and h % 2 == 0 and w % 2 == 0
             and (h // 2) * (w // 2) % WINOGRAD_TILES == 0 and load_conv_winograd_extension() is not None)
+
+
+def winograd_wgrad_applies(x: torch.Tensor, in_channels: int, out_channels: int) -> bool:
+    """Whether the weight gradient of a layer `winograd_applies` to is taken by Winograd too."""
+    return (min(in_channels, out_channels) >= WINOGRAD_WGRAD_MIN_CHANNELS and x.shape[-1] % 4 == 0
+            and load_conv_winograd_wgrad_extension() is not None)
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -113,7 +125,10 @@ class _Conv3x3(torch.autograd.Function):
         elif grad_x_by_kernel:
             grad_x = load_conv_fwd_extension().input_grad_stride2(grad_out, weight_bf16, x.shape[2], x.shape[3])
         if grad_w_by_kernel:
-            grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
+            if ctx.winograd and winograd_wgrad_applies(x, x.shape[1], grad_out.shape[1]):
+                grad_weight = load_conv_winograd_wgrad_extension().winograd_weight_grad(grad_out, x)
+            else:
+                grad_weight = load_conv_wgrad_extension().weight_grad(grad_out, x, s)
             if ctx.wgrad_mode == "kernel-bf16":
                 grad_weight = grad_weight.to(torch.bfloat16).float()
         return grad_x, grad_weight, None, None, None
