@@ -1,9 +1,10 @@
 """The 3x3 convolutions: resnetlab's CPU kernels (kernels/conv_fwd.cpp for the forward pass and the
 input gradient, kernels/conv_winograd.cpp for the same by Winograd F(2x2, 3x3) at stride 1,
-kernels/conv_wgrad.cpp for the weight gradient) against oneDNN's, per ResNet-20 layer shape, then
-whole ResNet-20 training steps (the engine's, as `bench train` runs them) with all kernels, with the
-direct kernels only (no Winograd), with oneDNN's forward pass and input gradient, and with oneDNN
-only, interleaved round by round so that a machine whose speed drifts affects all alike. Winograd's
+kernels/conv_wgrad.cpp for the weight gradient, kernels/conv_winograd_wgrad.cpp for the same by
+Winograd at stride 1, used from 32 channels) against oneDNN's, per ResNet-20 layer shape, then whole
+ResNet-20 training steps (the engine's, as `bench train` runs them) with all kernels, with Winograd
+for the forward passes and input gradients only, with the direct kernels only (no Winograd), with
+oneDNN's forward pass and input gradient, and with oneDNN only, interleaved round by round so that a machine whose speed drifts affects all alike. Winograd's
 GFLOP/s count the direct form's multiply-adds and its times include the weight transform.
 
     python benchmarks/bench_conv3x3.py [--rounds 16] [--batch 128]
@@ -24,10 +25,11 @@ from resnetlab.config import build_config
 from resnetlab.engine.setup import resolved_config
 from resnetlab.kernels import conv3x3 as conv3x3_module
 from resnetlab.kernels import load_conv_fwd_extension, load_conv_wgrad_extension, load_conv_winograd_extension
+from resnetlab.kernels.build import load_conv_winograd_wgrad_extension
 
 # ResNet-20's 3x3 convolutions with 16k channels: (in, out, input size, stride, layers per net)
 LAYERS = ((16, 16, 32, 1, 6), (16, 32, 32, 2, 1), (32, 32, 16, 1, 5), (32, 64, 16, 2, 1), (64, 64, 8, 1, 5))
-STEP_FORMS = ("kernels", "direct kernels (no Winograd)", "oneDNN forward and input gradient", "oneDNN only")
+STEP_FORMS = ("kernels", "Winograd forward and input gradient only", "direct kernels (no Winograd)", "oneDNN forward and input gradient", "oneDNN only")
 
 
 def median_ms(fn, repeats: int = 20) -> float:
@@ -43,9 +45,10 @@ def median_ms(fn, repeats: int = 20) -> float:
 
 def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
     """Per layer shape and pass (forward, input gradient, weight gradient): oneDNN's, the direct
-    kernel's and, for the stride-1 forward pass and input gradient, Winograd's median ms."""
+    kernel's and, for the stride-1 layers, Winograd's median ms (its weight gradient is used from
+    WINOGRAD_WGRAD_MIN_CHANNELS channels only)."""
     forward_kernel, wgrad_kernel = load_conv_fwd_extension(), load_conv_wgrad_extension()
-    winograd = load_conv_winograd_extension()
+    winograd, winograd_wgrad = load_conv_winograd_extension(), load_conv_winograd_wgrad_extension()
     rows = []
     for cin, cout, size, stride, count in LAYERS:
         out_size = (size - 1) // stride + 1
@@ -65,7 +68,8 @@ def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
         winograd_passes = {
             "forward": lambda: winograd.winograd(x, winograd.winograd_weights(w, False), cout),
             "input gradient": lambda: winograd.winograd(dy, winograd.winograd_weights(w, True), cin),
-        } if stride == 1 and winograd is not None else {}
+            "weight gradient": lambda: winograd_wgrad.winograd_weight_grad(dy, x),
+        } if stride == 1 and winograd is not None and winograd_wgrad is not None else {}
         gflop = 2 * batch * cout * cin * 9 * out_size * out_size / 1e9
         for name, (onednn, kernel) in passes.items():
             onednn_ms = median_ms(onednn, repeats)
@@ -79,13 +83,15 @@ def layer_rows(batch: int, repeats: int = 20) -> list[dict]:
 
 
 def _use(form: str) -> None:
-    conv3x3_module.FORWARD_KERNEL = form in ("kernels", "direct kernels (no Winograd)")
-    conv3x3_module.winograd_applies = _shipped_winograd_applies if form == "kernels" else (lambda *args: False)
+    conv3x3_module.FORWARD_KERNEL = form in STEP_FORMS[:3]
+    conv3x3_module.winograd_applies = _shipped_winograd_applies if form in STEP_FORMS[:2] else (lambda *args: False)
+    conv3x3_module.WINOGRAD_WGRAD_MIN_CHANNELS = _SHIPPED_WGRAD_MIN_CHANNELS if form == "kernels" else 10**9
     conv3x3_module.kernel_applies = _shipped_applies if form != "oneDNN only" else (lambda conv, x: False)
 
 
 _shipped_applies = conv3x3_module.kernel_applies
 _shipped_winograd_applies = conv3x3_module.winograd_applies
+_SHIPPED_WGRAD_MIN_CHANNELS = conv3x3_module.WINOGRAD_WGRAD_MIN_CHANNELS
 
 
 def paired_step_ms(rounds: int, batch: int, steps_per_round: int = 4) -> dict[str, list[float]]:
@@ -130,6 +136,7 @@ def main() -> None:
         winograd = f"{row['winograd_ms']:.2f} ({row['winograd_gflops']:.0f})" if row["winograd_ms"] else "-"
         print(f"| {row['layer']} | {row['count']} | {row['pass']} | {row['onednn_ms']:.2f} ({row['onednn_gflops']:.0f}) "
               f"| {kernel} | {winograd} |")
+    print(f"\nWinograd's weight gradient is used from {_SHIPPED_WGRAD_MIN_CHANNELS} channels in and out.")
     times = paired_step_ms(args.rounds, args.batch)
     print(f"\n| ResNet-20 training step, {args.rounds} interleaved rounds | min ms | median ms |\n|---|---:|---:|")
     for form, values in times.items():

@@ -301,16 +301,18 @@ def test_conv3x3_benchmark_times_every_form_and_restores_the_switches():
         pytest.skip("the convolution kernels need AVX-512 BF16 and a C++ compiler")
     bench = _load_benchmark("bench_conv3x3")
     shipped, shipped_winograd = conv3x3_module.kernel_applies, conv3x3_module.winograd_applies
+    shipped_wgrad_min = conv3x3_module.WINOGRAD_WGRAD_MIN_CHANNELS
     rows = bench.layer_rows(batch=4, repeats=1)
     assert len(rows) == 3 * len(bench.LAYERS) and all(r["onednn_ms"] > 0 and r["kernel_ms"] > 0 for r in rows)
     assert {r["pass"] for r in rows} == {"forward", "input gradient", "weight gradient"}
     with_winograd = {(r["layer"], r["pass"]) for r in rows if r["winograd_ms"]}
     stride1 = {r["layer"] for r in rows if r["layer"].endswith("stride 1")}
-    assert with_winograd == {(layer, p) for layer in stride1 for p in ("forward", "input gradient")}
+    assert with_winograd == {(layer, p) for layer in stride1 for p in ("forward", "input gradient", "weight gradient")}
     times = bench.paired_step_ms(rounds=1, batch=8, steps_per_round=1)
     assert set(times) == set(bench.STEP_FORMS) and all(len(v) == 1 and v[0] > 0 for v in times.values())
     assert conv3x3_module.kernel_applies is shipped and conv3x3_module.FORWARD_KERNEL is True
     assert conv3x3_module.winograd_applies is shipped_winograd
+    assert conv3x3_module.WINOGRAD_WGRAD_MIN_CHANNELS == shipped_wgrad_min
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
