@@ -39,8 +39,8 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_CHANNELS = (16, 32, 64)  # the channel counts the kernel is compiled for
 WINOGRAD_TILES = 16  # 2x2 output tiles per block of the kernel: the map must hold a multiple of these
 # The weight gradient by Winograd from this many channels in and out: on two threads of the 2-core Zen 4
-# 1.17 / 0.97 ms against 1.53 / 1.44 ms direct at 32 / 64 channels, but 1.86 against 1.58 at 16, where
-# transforming x and dy costs as much as the multiply-adds (kernels/conv_winograd_wgrad.cpp).
+# 1.12 / 0.88 ms against 1.41 / 1.39 ms direct at 32 / 64 channels, but 1.71 against 1.48 at 16, where
+# transforming x and dy costs as much as the multiply-adds (benchmarks/bench_conv3x3.py, docs/speed-notes.md).
 WINOGRAD_WGRAD_MIN_CHANNELS = 32
 
 _wgrad_mode: contextvars.ContextVar[str] = contextvars.ContextVar("resnetlab_conv_wgrad", default="kernel")
