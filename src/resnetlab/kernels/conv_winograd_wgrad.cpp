@@ -6,7 +6,7 @@
 // 16 multiply-adds per tile and channel pair where the direct form (conv_wgrad.cpp) needs 36.
 // The transformed input and gradient are rounded to bf16 and their products summed in fp32: each
 // term carries a relative rounding error of about 2^-9, which the direct kernel's exact bf16
-// products don't (tests/test_conv_winograd.py bounds the result's error).
+// products don't (tests/test_conv_winograd_wgrad.py bounds the result's error).
 //
 // Why: the direct weight-gradient kernel's multiply-adds already run at the core's peak
 // (docs/speed-notes.md), so fewer of them is what is left.
