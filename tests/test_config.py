@@ -166,14 +166,15 @@ def test_fast_cifar_is_v1_with_the_batch_crops_smoothing_and_bias_decay_chosen_o
     assert (v1.train.final_tta, fast.train.final_tta) == ((), ("flip", "flip-shift"))
 
 
-def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_linear_decay_bias_decay_and_precise_bn():
+def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_linear_decay_bias_decay_alternating_flips_and_precise_bn():
     fast, short = build_config("fast-cifar"), build_config("fast-cifar-15")
     assert (short.train.epochs, short.train.label_smoothing, short.schedule.kind) == (15, 0.1, "linear")
+    assert short.data.flip_mode == "alternate"
     assert (short.bn.reestimate, short.bn.reestimate_batches) == (True, 160)
     assert short.schedule.warmup == fast.schedule.warmup
     differing = {(section, key) for section in ("model", "data", "optim", "schedule", "bn", "train", "runtime")
                  for key, value in getattr(short, section).model_dump().items()
                  if getattr(fast, section).model_dump()[key] != value}
     assert differing == {("train", "epochs"), ("train", "label_smoothing"), ("schedule", "kind"), ("optim", "no_wd_bn_bias"),
-                         ("bn", "reestimate"), ("bn", "reestimate_batches")}
+                         ("bn", "reestimate"), ("bn", "reestimate_batches"), ("data", "flip_mode")}
     assert not short.optim.no_wd_bn_bias  # as its results were measured
