@@ -166,7 +166,7 @@ def test_fast_cifar_is_v1_with_the_batch_crops_smoothing_and_bias_decay_chosen_o
     assert (v1.train.final_tta, fast.train.final_tta) == ((), ("flip", "flip-shift"))
 
 
-def test_fast_cifar_15_is_fast_cifar_in_half_the_epochs_with_lighter_smoothing_linear_decay_bias_decay_alternating_flips_and_precise_bn():
+def test_fast_cifar_15_differs_from_fast_cifar_only_in_what_was_chosen_at_15_epochs():
     fast, short = build_config("fast-cifar"), build_config("fast-cifar-15")
     assert (short.train.epochs, short.train.label_smoothing, short.schedule.kind) == (15, 0.1, "linear")
     assert short.data.flip_mode == "alternate"

@@ -106,7 +106,8 @@ register(Recipe(
     "87.67 +- 0.07 % against 87.39 +- 0.11 % for cosine (3 seeds each, Zen 4, bf16; fresh seeds 3-5: "
     "87.54 +- 0.38 %); cosine until commit 410b393; BN re-estimation (Wu & Johnson 2021, 'precise BN') from "
     "2026-12-05: +0.07 points flip-shift over 10 finished 15-epoch models (8 of 10 better); alternating flips "
-    "(Jordan 2024, airbench) from 2026-12-05: +0.37 points flip-shift, paired over seeds 20-22",
+    "(Jordan 2024, airbench) from 2026-12-05: +0.37 points flip-shift, paired over seeds 20-22; fresh seeds 23-25 "
+    "with both: 87.69 +- 0.12 % flip-shift (Zen 4, bf16)",
     {**_FAST_CIFAR,
      # weight decay on every parameter, as its results were measured (no bias decay with label smoothing 0.05 did
      # worse at 15 epochs; docs/fast-cifar-tuning.md)
